@@ -1,0 +1,413 @@
+//! Effective configuration: embedded defaults, then a TOML file, then `ATLASMESH_SECTION__KEY`
+//! environment variables, then command-line flags, the later winning.
+//!
+//! Every struct denies unknown fields so a misspelt key is an error that names it, never a
+//! silently ignored setting that leaves the default in force.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides; `__` separates section and key.
+pub const ENV_PREFIX: &str = "ATLASMESH_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid configuration: `{key}`: {message}")]
+    InvalidValue { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, keys, certificates and staged files live.
+    pub data_dir: PathBuf,
+    pub depot: DepotConfig,
+    pub cloud: CloudConfig,
+    pub http: HttpConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./atlasmesh-data"),
+            depot: DepotConfig::default(),
+            cloud: CloudConfig::default(),
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DepotConfig {
+    /// Stable identity of this depot. When unset, one is generated on first start and kept in
+    /// the store, so the identity survives restarts without anybody having to choose it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Name shown to technicians on the panel.
+    pub name: String,
+    /// Address of the panel, API and vehicle-facing HTTP server.
+    pub http: SocketAddr,
+}
+
+impl Default for DepotConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            name: "AtlasMesh depot".into(),
+            http: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// Address of the fleet panel and health endpoints in cloud mode.
+    pub http: SocketAddr,
+    /// sqlx database URL; unset means a SQLite file `cloud.db` in the data dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([0, 0, 0, 0], 9080)),
+            database_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Longest time a request may take to produce its response headers.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest JSON or form body accepted by the API and panel.
+    pub max_body_bytes: usize,
+    /// A client that has not sent its request headers by then is disconnected (slow loris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// On shutdown, how long in-flight requests may run before connections are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Serve HTTPS. Without `cert` and `key`, a self-signed certificate is generated on first
+    /// start and kept in `<data_dir>/tls/`.
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Lifetime of a panel session.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed logins allowed per client address and per user name within `login_window`.
+    pub login_max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(12 * 3600),
+            login_max_failures: 5,
+            login_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (the runbooks' golden rule), for journald and log shippers.
+    #[default]
+    Json,
+    /// Human-readable lines for a developer's terminal.
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, for example `info` or `info,atlasmesh=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// Command-line values that override file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub depot_http: Option<SocketAddr>,
+    pub cloud_http: Option<SocketAddr>,
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Loads the effective configuration from the process environment.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_from(overrides, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Loads with an explicit environment provider, so tests need not touch the process's.
+    pub fn load_from(overrides: &Overrides, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &overrides.config_file {
+            // figment skips missing files silently; a file someone named must exist.
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.clone()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(env);
+        if let Some(dir) = &overrides.data_dir {
+            figment = figment.merge(Serialized::default("data_dir", dir));
+        }
+        if let Some(addr) = overrides.depot_http {
+            figment = figment.merge(Serialized::default("depot.http", addr));
+        }
+        if let Some(addr) = overrides.cloud_http {
+            figment = figment.merge(Serialized::default("cloud.http", addr));
+        }
+        if let Some(url) = &overrides.database_url {
+            figment = figment.merge(Serialized::default("cloud.database_url", url));
+        }
+        let config: Config = figment.extract().map_err(|err| {
+            // figment reports every problem; each message names the key and where it came from.
+            ConfigError::Invalid(
+                err.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.depot.id {
+            validate_depot_id(id).map_err(|message| ConfigError::InvalidValue {
+                key: "depot.id",
+                message,
+            })?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::InvalidValue {
+                key: "data_dir",
+                message: "must not be empty".into(),
+            });
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::InvalidValue {
+                key: "tls.cert",
+                message: "`tls.cert` and `tls.key` must be given together".into(),
+            });
+        }
+        if self.http.max_body_bytes < 1024 {
+            return Err(ConfigError::InvalidValue {
+                key: "http.max_body_bytes",
+                message: "must be at least 1024".into(),
+            });
+        }
+        for (key, value) in [
+            ("http.request_timeout", self.http.request_timeout),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("auth.session_ttl", self.auth.session_ttl),
+            ("auth.login_window", self.auth.login_window),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::InvalidValue {
+                    key,
+                    message: "must be longer than zero".into(),
+                });
+            }
+        }
+        if self.auth.login_max_failures == 0 {
+            return Err(ConfigError::InvalidValue {
+                key: "auth.login_max_failures",
+                message: "must be at least 1".into(),
+            });
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::InvalidValue {
+                key: "log.level",
+                message: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The configuration as TOML, as `--print-config` shows it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configuration always serialises to TOML")
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        store_path(&self.data_dir)
+    }
+}
+
+/// The depot store's file inside a data dir.
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("depot.db")
+}
+
+/// Depot ids appear in MQTT topics, certificate names and URLs, so they are kept to a safe set.
+pub fn validate_depot_id(id: &str) -> Result<(), String> {
+    let ok_len = (1..=64).contains(&id.len());
+    let ok_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not a valid depot id: use 1 to 64 characters from a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // figment's Jail closure returns figment's own (large) error type; not ours to shrink.
+    #[allow(clippy::result_large_err)]
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("atlasmesh.toml");
+        std::fs::write(&path, toml).unwrap();
+        let overrides = Overrides {
+            config_file: Some(path),
+            ..Default::default()
+        };
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // Jail serialises tests that touch the process environment and restores it afterwards.
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in &env {
+                jail.set_env(k, v);
+            }
+            result = Some(Config::load_from(
+                &overrides,
+                Env::prefixed(ENV_PREFIX).split("__"),
+            ));
+            Ok(())
+        });
+        result.unwrap()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config =
+            Config::load_from(&Overrides::default(), Env::prefixed("ATLASMESH_TEST_NONE_"))
+                .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./atlasmesh-data"));
+        assert_eq!(config.depot.http.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("[depot]\nhtpp = \"127.0.0.1:1\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("htpp"), "{err}");
+    }
+
+    #[test]
+    fn wrong_value_names_the_key() {
+        let err = load("[depot]\nhttp = \"not an address\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("depot.http"), "{err}");
+        let err = load("[http]\nrequest_timeout = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.request_timeout"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let config = load(
+            "data_dir = \"/from/file\"\n[depot]\nname = \"file\"\n",
+            &[
+                ("ATLASMESH_DEPOT__NAME", "env"),
+                ("ATLASMESH_DATA_DIR", "/from/env"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.depot.name, "env");
+        assert_eq!(config.data_dir, PathBuf::from("/from/env"));
+    }
+
+    #[test]
+    fn invalid_depot_id_is_rejected() {
+        let err = load("[depot]\nid = \"Depot 1\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("depot.id"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_loads_back_identically() {
+        let config = load("[depot]\nid = \"north-7\"\n", &[]).unwrap();
+        let printed = config.to_toml();
+        let again = load(&printed, &[]).unwrap();
+        assert_eq!(config, again);
+    }
+}
