@@ -1,0 +1,245 @@
+//! Depot mode: wires the store, the HTTP server and the background tasks, and takes them down
+//! in order on shutdown (stop accepting, finish requests, close the store).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use rand::RngCore;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{self, Outcome};
+use crate::auth::{self, Role};
+use crate::config::{Config, validate_depot_id};
+use crate::datadir::{DataDirLock, write_private};
+use crate::http::server::{ServeOptions, serve};
+use crate::http::{self, AppState, Clock, Core, Database, Mode, SystemClock};
+use crate::metrics::CoreMetrics;
+use crate::store::{Store, StoreError, meta_get, meta_set, unix_ms};
+use crate::sysstat;
+
+/// The account created on first start.
+pub const INITIAL_ADMIN: &str = "admin";
+/// Where the first admin's random password is written (mode 0600) until it is changed.
+pub const INITIAL_PASSWORD_FILE: &str = "initial-admin-password";
+
+pub fn initial_password_pending(data_dir: &Path) -> bool {
+    data_dir.join(INITIAL_PASSWORD_FILE).exists()
+}
+
+/// Removes the initial password file once the admin has chosen a password of their own.
+pub fn forget_initial_password(data_dir: &Path) {
+    let path = data_dir.join(INITIAL_PASSWORD_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "initial admin password changed; removed its file")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove the initial admin password file")
+        }
+    }
+}
+
+/// Binds the configured address and runs the depot until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    let listener = TcpListener::bind(config.depot.http)
+        .await
+        .with_context(|| format!("cannot listen on {} (depot.http)", config.depot.http))?;
+    run_locked(config, lock, listener, shutdown).await
+}
+
+/// Runs the depot on a listener the caller bound (tests bind port 0).
+pub async fn run_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    run_locked(config, lock, listener, shutdown).await
+}
+
+struct Prepared {
+    depot_id: String,
+    initial_password_written: bool,
+}
+
+async fn run_locked(
+    config: Config,
+    lock: DataDirLock,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store_path = config.store_path();
+    let prep_config = config.clone();
+    let now = unix_ms(clock.now());
+    let (store, prepared) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Store, Prepared)> {
+            let store = Store::open(&store_path)?;
+            let prepared = prepare(&store, &prep_config, now)?;
+            Ok((store, prepared))
+        })
+        .await
+        .context("store start-up task failed")??;
+    let password_file = config.data_dir.join(INITIAL_PASSWORD_FILE);
+    if prepared.initial_password_written {
+        tracing::warn!(
+            user = INITIAL_ADMIN,
+            password_file = %password_file.display(),
+            "created the first admin; its password is in the file named here (mode 0600): sign in and change it"
+        );
+    } else if password_file.exists() {
+        tracing::warn!(password_file = %password_file.display(), "the initial admin password has not been changed yet");
+    }
+
+    let mut registry = Registry::default();
+    let metrics = CoreMetrics::register(&mut registry, Mode::Depot.as_str());
+    let system = sysstat::spawn(
+        &config.data_dir,
+        Duration::from_secs(2),
+        metrics.process_rss.clone(),
+        shutdown.clone(),
+    );
+    let (events, _) = broadcast::channel(256);
+    let core = Core {
+        mode: Mode::Depot,
+        started_at: SystemTime::now(),
+        started: std::time::Instant::now(),
+        metrics: metrics.clone(),
+        registry: Arc::new(registry),
+        database: Database::Depot(store.clone()),
+        system,
+        shutdown: shutdown.clone(),
+    };
+    let tls = crate::tls::acceptor(
+        &config.tls,
+        &config.data_dir,
+        std::slice::from_ref(&prepared.depot_id),
+    )?;
+    let config = Arc::new(config);
+    let app = AppState {
+        core,
+        store: store.clone(),
+        clock: clock.clone(),
+        depot_id: prepared.depot_id.clone(),
+        depot_name: config.depot.name.clone(),
+        limiter: Arc::new(auth::LoginLimiter::new(
+            config.auth.login_max_failures,
+            config.auth.login_window,
+        )),
+        config: config.clone(),
+        events,
+    };
+
+    spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());
+
+    let addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    tracing::info!(
+        addr = %addr,
+        scheme = if tls.is_some() { "https" } else { "http" },
+        depot_id = %prepared.depot_id,
+        data_dir = %config.data_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
+    let options = ServeOptions {
+        header_read_timeout: config.http.header_read_timeout,
+        shutdown_grace: config.http.shutdown_grace,
+    };
+    serve(listener, tls, http::depot_router(app), options, shutdown).await;
+
+    tracing::info!("closing the store");
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .context("store close task failed")??;
+    drop(lock);
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// First-start and every-start work on the store: the depot's identity and the first admin.
+fn prepare(store: &Store, config: &Config, now: i64) -> anyhow::Result<Prepared> {
+    let configured_id = config.depot.id.clone();
+    let depot_id = store.write_blocking(|tx| -> Result<String, StoreError> {
+        let stored = meta_get(tx, "depot_id")?;
+        let id = match (configured_id, stored) {
+            (Some(configured), stored) => {
+                if stored.as_ref().is_some_and(|s| *s != configured) {
+                    tracing::warn!(configured = %configured, stored = ?stored, "depot.id differs from the id this store was using; the configured one wins");
+                }
+                configured
+            }
+            (None, Some(stored)) => stored,
+            (None, None) => {
+                let mut bytes = [0u8; 4];
+                rand::rng().fill_bytes(&mut bytes);
+                format!("depot-{}", hex::encode(bytes))
+            }
+        };
+        meta_set(tx, "depot_id", &id)?;
+        Ok(id)
+    })?;
+    validate_depot_id(&depot_id).map_err(|m| anyhow::anyhow!("stored depot id: {m}"))?;
+
+    let password_path = config.data_dir.join(INITIAL_PASSWORD_FILE);
+    let initial_password_written = store.write_blocking(|tx| -> anyhow::Result<bool> {
+        if auth::count_users(tx)? > 0 {
+            return Ok(false);
+        }
+        let password = auth::new_password();
+        let hash = auth::hash_password(&password)?;
+        auth::create_user(tx, INITIAL_ADMIN, &hash, Role::Admin, now)?;
+        audit::record(
+            tx,
+            &audit::Entry {
+                actor: "system".into(),
+                role: None,
+                action: "user.create".into(),
+                target: Some(INITIAL_ADMIN.into()),
+                outcome: Outcome::Ok,
+                request_id: None,
+                detail: json!({"role": "admin", "initial": true, "password_file": password_path.display().to_string()}),
+            },
+            now,
+        )?;
+        // Written before the commit: if the file cannot be written, the admin is not created
+        // either, and the next start tries again. Never an admin whose password nobody knows.
+        write_private(&password_path, format!("{password}\n").as_bytes())
+            .with_context(|| format!("writing {}", password_path.display()))?;
+        Ok(true)
+    })?;
+    Ok(Prepared {
+        depot_id,
+        initial_password_written,
+    })
+}
+
+fn spawn_session_sweeper(store: Store, clock: Arc<dyn Clock>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let now = unix_ms(clock.now());
+            match store
+                .write(move |tx| auth::delete_expired_sessions(tx, now))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(sessions = n, "removed expired sessions"),
+                Err(e) => tracing::warn!(error = %e, "could not remove expired sessions"),
+            }
+        }
+    });
+}

@@ -1,0 +1,34 @@
+//! # atlasmesh (the appliance crate)
+//!
+//! Owns the `atlasmesh` binary and everything that wires the product together: the command
+//! line and configuration, both modes (`depot`, `cloud`), the HTTP server (API, panel, probes),
+//! the depot store (SQLite through rusqlite), people, roles and the audit trail, and the
+//! appliance's own vital signs.
+//!
+//! Must not: hold decision logic that belongs to a core crate (canary waves, charging plans,
+//! release trust), or run blocking work (SQLite, argon2, /proc) on the async workers.
+//!
+//! ## Layout
+//! - [`cli`]: clap definitions. [`config`]: defaults, TOML file, environment, flags.
+//! - [`depot`], [`cloud`]: each mode's `run(config, shutdown)`.
+//! - [`http`]: routing, middleware, API, panel, accept loop. [`tls`]: HTTPS.
+//! - [`store`]: the depot store, migrations, backup and restore. [`datadir`]: lock and secrets.
+//! - [`auth`]: roles, passwords, tokens, sessions, login limiter. [`audit`]: the audit trail.
+//! - [`metrics`], [`logging`], [`sysstat`], [`shutdown`]: observability and lifecycle.
+//! - [`tools`]: offline commands (token minting, backup, restore).
+
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod cloud;
+pub mod config;
+pub mod datadir;
+pub mod depot;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod shutdown;
+pub mod store;
+pub mod sysstat;
+pub mod tls;
+pub mod tools;

@@ -1,0 +1,33 @@
+//! Structured logs through tracing: JSON lines by default (the runbooks' golden rule), with the
+//! current request's span fields (request id, trace id) on every line logged inside it.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("invalid log filter `{0}`: {1}")]
+    Filter(String, String),
+    #[error("logging was already set up")]
+    AlreadySet,
+}
+
+/// Installs the global subscriber. Logs go to stderr, keeping stdout for command output.
+pub fn init(config: &LogConfig) -> Result<(), LogError> {
+    let filter = EnvFilter::try_new(&config.level)
+        .map_err(|e| LogError::Filter(config.level.clone(), e.to_string()))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    result.map_err(|_| LogError::AlreadySet)
+}
