@@ -38,8 +38,13 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// The `atlasmesh` binary of the same profile as this test, built once if it is missing or
-/// older than the sources would make it (cargo decides).
+/// The `atlasmesh` binary of the same profile as this test, built once per test process if
+/// it is missing or stale (cargo decides; a no-op when `tests/run` already built it).
+///
+/// It is built by the very command the test run uses (`cargo test --workspace --no-run`; the
+/// appliance's own integration tests make cargo build the binary). Any other build command
+/// (`cargo build -p ...`) unifies features or picks profiles differently, and each build
+/// would undo the other.
 pub fn atlasmesh_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -52,16 +57,31 @@ pub fn atlasmesh_bin() -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.current_dir(workspace_root()).args([
-            "build",
-            "--quiet",
-            "-p",
-            "atlasmesh-appliance",
-            "--bin",
-            "atlasmesh",
-        ]);
+        build
+            .current_dir(workspace_root())
+            .args(["test", "--quiet", "--workspace", "--no-run"]);
         if release {
             build.arg("--release");
+        }
+        // Cargo sets per-package variables for the test process (CARGO_MANIFEST_DIR and
+        // friends). Build scripts track some of them (ring's does), so passing them on would
+        // make this build look different from the one that made the test, and rebuild.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let per_package = [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+                "NEXTEST",
+            ];
+            if per_package.iter().any(|p| key.starts_with(p)) {
+                build.env_remove(key.as_ref());
+            }
         }
         let status = build
             .status()
@@ -363,4 +383,23 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// The Python of the test venv (`tests/.venv`), where `tests/run` installs the independent
+/// peers listed in `tests/requirements.txt`.
+pub fn venv_python() -> PathBuf {
+    let python = workspace_root().join("tests/.venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run tests/run, which creates the venv with the Python test peers",
+        python.display()
+    );
+    python
+}
+
+/// Runs a peer script from `tests/peers/` with the venv's Python.
+pub fn python_peer(script: &str) -> Command {
+    let mut cmd = Command::new(venv_python());
+    cmd.arg(workspace_root().join("tests/peers").join(script));
+    cmd
 }
