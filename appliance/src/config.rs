@@ -158,8 +158,10 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// One JSON object per line (the runbooks' golden rule), for journald and log shippers.
+    /// JSON when stderr is not a terminal (services, pipes, log shippers), pretty when it is.
     #[default]
+    Auto,
+    /// One JSON object per line (the runbooks' golden rule), for journald and log shippers.
     Json,
     /// Human-readable lines for a developer's terminal.
     Pretty,
@@ -177,7 +179,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            format: LogFormat::Json,
+            format: LogFormat::Auto,
         }
     }
 }
@@ -358,7 +360,7 @@ mod tests {
                 .unwrap();
         assert_eq!(config.data_dir, PathBuf::from("./atlasmesh-data"));
         assert_eq!(config.depot.http.to_string(), "0.0.0.0:8080");
-        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.log.format, LogFormat::Auto);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Structured logs through tracing: JSON lines by default (the runbooks' golden rule), with the
+//! Structured logs through tracing: JSON lines (the runbooks' golden rule) unless a person is
+//! watching a terminal, with the
 //! current request's span fields (request id, trace id) on every line logged inside it.
 
 use tracing_subscriber::EnvFilter;
@@ -20,14 +21,19 @@ pub fn init(config: &LogConfig) -> Result<(), LogError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let result = match config.format {
-        LogFormat::Json => builder
+    let json = match config.format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let result = match json {
+        true => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        false => builder.try_init(),
     };
     result.map_err(|_| LogError::AlreadySet)
 }
