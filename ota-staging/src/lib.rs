@@ -1,9 +1,30 @@
 //! # atlasmesh-ota-staging
 //!
-//! Will own release trust (the TUF image repository and the depot's director repository), the
-//! single-pass verified staging pipeline, the content-addressed chunk store, range serving,
-//! delta planning and garbage collection. It arrives with the OTA staging work and has no code
-//! yet; nothing in the depot claims to stage images until it does.
+//! Owns OTA release trust and the depot's image cache:
 //!
-//! Must not: make anything visible to vehicles before every signature and hash has verified,
-//! or read the wall clock inside trust decisions (time is passed in).
+//! - [`release`]: release tooling for the fleet's image repository (standard TUF 1.0 through
+//!   tough: keys, init, add, refresh, root rotation) and [`certificate`], the fleet's statement
+//!   certifying a depot's director root.
+//! - [`chunks`]: FastCDC chunking and the signed chunk index, in one pass over an image.
+//! - [`trust`]: loading a TUF repository as a client, with typed refusals.
+//! - [`staging`]: verify a release (metadata, policy, index), read the image once into a pack,
+//!   publish it; [`store`]: the packs and the chunk map; [`director`]: the depot's director
+//!   repository of per-vehicle assignments.
+//! - [`bandwidth`]: the depot-wide, per-connection-fair upload cap.
+//!
+//! Must not: make anything visible to vehicles before every signature and hash has verified
+//! (staging writes under `staging/` and publishes by rename), read the wall clock inside trust
+//! decisions (a [`time::Clock`] is passed in), or know about HTTP routes, the depot store or
+//! people: the appliance wires those.
+
+pub mod bandwidth;
+pub mod certificate;
+pub mod chunks;
+pub mod director;
+pub mod keys;
+pub mod meta;
+pub mod release;
+pub mod staging;
+pub mod store;
+pub mod time;
+pub mod trust;

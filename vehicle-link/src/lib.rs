@@ -1,8 +1,10 @@
 //! # atlasmesh-vehicle-link
 //!
-//! Will own the MQTT topics and payloads between depot and vehicles, the depot side of the
-//! link, the embedded broker default, the reference vehicle OTA client and the fleet simulator.
-//! It arrives with the vehicle-link and OTA staging work and has no code yet.
+//! Owns the vehicle's side of the depot: today the reference vehicle OTA client ([`ota`]),
+//! which tests use and the fleet simulator will. The MQTT topics and payloads, the depot side
+//! of the link, the embedded broker and the simulator arrive with the vehicle-link work.
 //!
-//! Must not: trust a payload before validating it, or let one vehicle's credentials speak for
-//! another.
+//! Must not: trust a byte before verifying it (metadata by TUF, chunks and images by hash), or
+//! let one vehicle act on another's assignment.
+
+pub mod ota;

@@ -1,0 +1,577 @@
+//! Staging: from a release (a repository directory, a URL, or an uploaded bundle) to a verified
+//! image in the store, or a typed refusal that leaves nothing behind.
+//!
+//! Order matters. The metadata is verified first (against the depot's pinned fleet root, with
+//! rollback protection from the mirror's datastore), then the policy (hardware, version floor,
+//! free space), then the chunk index, and only then is the image read, once, into a staging
+//! file. The pack and the mirrored metadata become visible only when everything has matched.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use semver::Version;
+use serde::Serialize;
+use tough::{
+    ExpirationEnforcement, Repository, TargetName, Transport, TransportError, TransportStream,
+    async_trait,
+};
+use url::Url;
+
+use crate::chunks::{self, ChunkIndex, Ingested};
+use crate::meta::{self, ImageMeta, parse_version};
+use crate::release::CERTIFIER_TARGET;
+use crate::store::ImageStore;
+use crate::trust::{self, HttpTransport, TrustError};
+
+/// Why staging refused a release. Each is its own variant so callers, the API and the audit
+/// log can say exactly which check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("release metadata refused: {0}")]
+    Trust(#[from] TrustError),
+    #[error(
+        "no fleet root is pinned on this depot; set ota.fleet_root or PUT /api/v1/ota/fleet-root"
+    )]
+    NoFleetRoot,
+    #[error("the release has no image {version} for hardware {hardware}")]
+    NotInRelease { hardware: String, version: String },
+    #[error("hardware mismatch: {0}")]
+    Hardware(String),
+    #[error(
+        "version {version} is below this depot's floor {floor} for {hardware} (rollback refused)"
+    )]
+    BelowFloor {
+        hardware: String,
+        version: String,
+        floor: String,
+    },
+    #[error("version {version} for {hardware} is already staged")]
+    AlreadyStaged { hardware: String, version: String },
+    #[error(
+        "not enough disk space: the image needs {needed} bytes, {available} are free beyond the reserve"
+    )]
+    DiskFull { needed: u64, available: u64 },
+    #[error("image hash mismatch: signed {expected}, read {actual}")]
+    Hash { expected: String, actual: String },
+    #[error("image length mismatch: signed {expected} bytes, read {actual}")]
+    Length { expected: u64, actual: u64 },
+    #[error("the image does not match its signed chunk index: {0}")]
+    Index(String),
+    #[error("reading the image failed: {0}")]
+    Source(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+impl StagingError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            StagingError::Trust(t) => t.code(),
+            StagingError::NoFleetRoot => "no_fleet_root",
+            StagingError::NotInRelease { .. } => "not_in_release",
+            StagingError::Hardware(_) => "hardware_mismatch",
+            StagingError::BelowFloor { .. } => "version_below_floor",
+            StagingError::AlreadyStaged { .. } => "already_staged",
+            StagingError::DiskFull { .. } => "disk_full",
+            StagingError::Hash { .. } => "hash_mismatch",
+            StagingError::Length { .. } => "length_mismatch",
+            StagingError::Index(_) => "index_mismatch",
+            StagingError::Source(_) => "source_failed",
+            StagingError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull => {
+                "disk_full"
+            }
+            StagingError::Io { .. } => "io_error",
+        }
+    }
+
+    /// Whether the fault lies with the release (4xx) rather than with the depot (5xx).
+    pub fn is_release_fault(&self) -> bool {
+        !matches!(self, StagingError::Io { .. } | StagingError::Source(_))
+    }
+
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> StagingError {
+        let context = context.into();
+        move |source| StagingError::Io { context, source }
+    }
+}
+
+/// What the depot will accept.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Per hardware id, the lowest version the depot will stage.
+    pub floors: BTreeMap<String, Version>,
+    /// Hardware ids this depot serves; empty means any.
+    pub hardware: Vec<String>,
+    /// Bytes to keep free on the store's filesystem beyond the image itself.
+    pub reserve_bytes: u64,
+    /// (hardware, version) pairs already staged.
+    pub staged: Vec<(String, String)>,
+}
+
+/// The depot's trust anchor and its mirror of the fleet's image repository.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    dir: PathBuf,
+}
+
+impl Mirror {
+    pub fn new(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir.join("metadata"))?;
+        fs::create_dir_all(dir.join("datastore"))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+    pub fn metadata_dir(&self) -> PathBuf {
+        self.dir.join("metadata")
+    }
+    fn datastore(&self) -> PathBuf {
+        self.dir.join("datastore")
+    }
+    pub fn fleet_root_path(&self) -> PathBuf {
+        self.dir.join("fleet-root.json")
+    }
+    pub fn certifier_path(&self) -> PathBuf {
+        self.dir.join("certifier.json")
+    }
+    pub fn fleet_root(&self) -> Option<Vec<u8>> {
+        fs::read(self.fleet_root_path()).ok()
+    }
+
+    /// Pins the fleet root (admin action). The root must be a valid, self-signed TUF root.
+    pub fn pin_root(&self, root: &[u8]) -> Result<(), StagingError> {
+        let parsed: tough::schema::Signed<tough::schema::Root> = serde_json::from_slice(root)
+            .map_err(|e| {
+                StagingError::Trust(TrustError::Other(format!(
+                    "fleet root is not TUF root metadata: {e}"
+                )))
+            })?;
+        parsed
+            .signed
+            .verify_role(&parsed)
+            .map_err(|e| StagingError::Trust(TrustError::Signature(format!("fleet root: {e}"))))?;
+        write_atomic(&self.fleet_root_path(), root)
+            .map_err(StagingError::io("pinning the fleet root"))?;
+        // A new anchor starts a new history.
+        let _ = fs::remove_dir_all(self.datastore());
+        fs::create_dir_all(self.datastore()).map_err(StagingError::io("resetting the datastore"))
+    }
+
+    /// Writes verified metadata files into the mirror, the timestamp last.
+    fn update(&self, files: &[(String, Bytes)]) -> io::Result<()> {
+        let mut ordered: Vec<&(String, Bytes)> = files.iter().collect();
+        ordered
+            .sort_by_key(|(name, _)| (name == "timestamp.json", name.ends_with(".snapshot.json")));
+        for (name, bytes) in ordered {
+            write_atomic(&self.metadata_dir().join(name), bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The newest timestamp's expiry in the mirror, for the panel.
+    pub fn timestamp_expires(&self) -> Option<SystemTime> {
+        let bytes = fs::read(self.metadata_dir().join("timestamp.json")).ok()?;
+        let ts: tough::schema::Signed<tough::schema::Timestamp> =
+            serde_json::from_slice(&bytes).ok()?;
+        Some(SystemTime::from(ts.signed.expires))
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("partial");
+    fs::write(&tmp, bytes)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// Metadata files are the only names mirrored: `[N.]role.json`.
+pub fn is_metadata_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".json") else {
+        return false;
+    };
+    let role = match stem.split_once('.') {
+        Some((version, role))
+            if !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            role
+        }
+        Some(_) => return false,
+        None => stem,
+    };
+    matches!(role, "root" | "targets" | "snapshot" | "timestamp")
+}
+
+/// A transport that keeps the bytes of every metadata file it fetched, so the mirror serves
+/// exactly what was verified (re-serialising parsed metadata would change its hashes).
+#[derive(Debug, Clone)]
+struct Recording {
+    inner: HttpTransport,
+    metadata_base: String,
+    seen: Arc<Mutex<Vec<(String, Bytes)>>>,
+}
+
+#[async_trait]
+impl Transport for Recording {
+    async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
+        let mut stream = self.inner.fetch(url.clone()).await?;
+        let mut body = Vec::new();
+        while let Some(piece) = stream.next().await {
+            body.extend_from_slice(&piece?);
+            if body.len() as u64 > trust::MAX_FETCH_BYTES {
+                return Err(TransportError::new(tough::TransportErrorKind::Other, url));
+            }
+        }
+        let bytes = Bytes::from(body);
+        if let Some(name) = url.as_str().strip_prefix(&self.metadata_base)
+            && is_metadata_name(name)
+        {
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((name.to_owned(), bytes.clone()));
+        }
+        Ok(Box::pin(futures_util::stream::once(
+            async move { Ok(bytes) },
+        )))
+    }
+}
+
+/// A release whose metadata verified and whose image passes the depot's policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleasedImage {
+    pub target: String,
+    pub meta: ImageMeta,
+    pub index_target: String,
+    pub length: u64,
+    pub sha256: String,
+    pub targets_version: u64,
+    #[serde(skip)]
+    pub targets_expires: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct VerifiedRelease {
+    pub image: ReleasedImage,
+    pub index: ChunkIndex,
+    pub index_bytes: Vec<u8>,
+    certifier: Option<Vec<u8>>,
+    metadata_files: Vec<(String, Bytes)>,
+}
+
+/// Where a release's repository is: `metadata/` and `targets/` under one base.
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub metadata: Url,
+    pub targets: Url,
+}
+
+impl Location {
+    /// A repository directory on this machine (a USB stick, an unpacked bundle).
+    pub fn directory(dir: &Path) -> Result<Self, StagingError> {
+        let base = fs::canonicalize(dir)
+            .ok()
+            .and_then(|abs| Url::from_directory_path(abs).ok())
+            .ok_or_else(|| {
+                StagingError::Source(format!("{} is not a readable directory", dir.display()))
+            })?;
+        Self::url(base)
+    }
+
+    /// A repository served over HTTP(S) (or `file://`).
+    pub fn url(base: Url) -> Result<Self, StagingError> {
+        let base = trust::dir_url(base);
+        let join = |p: &str| {
+            base.join(p)
+                .map_err(|e| StagingError::Source(format!("{base}{p}: {e}")))
+        };
+        Ok(Self {
+            metadata: join("metadata/")?,
+            targets: join("targets/")?,
+        })
+    }
+
+    /// Where the image target's file is (consistent snapshots: `<sha256>.<name>`).
+    pub fn image_url(&self, image: &ReleasedImage) -> Result<Url, StagingError> {
+        self.targets
+            .join(&format!("{}.{}", image.sha256, image.target))
+            .map_err(|e| StagingError::Source(e.to_string()))
+    }
+}
+
+/// Which image of a release to stage.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub hardware: &'a str,
+    pub version: &'a str,
+}
+
+/// Verifies a release's metadata and the depot's policy, and fetches its chunk index; nothing
+/// is written to the store yet.
+pub async fn verify(
+    mirror: &Mirror,
+    location: &Location,
+    transport: HttpTransport,
+    wanted: Wanted<'_>,
+    policy: &Policy,
+    store_root: &Path,
+) -> Result<VerifiedRelease, StagingError> {
+    let root = mirror.fleet_root().ok_or(StagingError::NoFleetRoot)?;
+    let metadata = location.metadata.clone();
+    let targets = location.targets.clone();
+    let recording = Recording {
+        inner: transport,
+        metadata_base: metadata.as_str().to_owned(),
+        seen: Arc::default(),
+    };
+    let repo = trust::load(
+        &root,
+        metadata.clone(),
+        targets,
+        &mirror.datastore(),
+        recording.clone(),
+        ExpirationEnforcement::Safe,
+    )
+    .await?;
+    let image = find_image(&repo, wanted.hardware, wanted.version)?;
+    check_policy(&image, policy, store_root)?;
+
+    let index_bytes = trust::read_small_target(&repo, &image.index_target).await?;
+    let index =
+        ChunkIndex::from_json(&index_bytes).map_err(|e| StagingError::Index(e.to_string()))?;
+    if index.sha256 != image.sha256 || index.length != image.length {
+        return Err(StagingError::Index(
+            "the signed index describes another image".into(),
+        ));
+    }
+    let certifier = match trust::read_small_target(&repo, CERTIFIER_TARGET).await {
+        Ok(bytes) => Some(bytes),
+        Err(TrustError::UnknownTarget(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut metadata_files = recording
+        .seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // The pinned root starts the chain and was not fetched; mirror it under its version.
+    let pinned: tough::schema::Signed<tough::schema::Root> = serde_json::from_slice(&root)
+        .map_err(|e| TrustError::Other(format!("pinned fleet root: {e}")))?;
+    metadata_files.push((
+        format!("{}.root.json", pinned.signed.version),
+        Bytes::from(root),
+    ));
+    Ok(VerifiedRelease {
+        image,
+        index,
+        index_bytes,
+        certifier,
+        metadata_files,
+    })
+}
+
+fn find_image(
+    repo: &Repository,
+    hardware: &str,
+    version: &str,
+) -> Result<ReleasedImage, StagingError> {
+    let name = meta::image_target_name(hardware, version);
+    let not_found = || StagingError::NotInRelease {
+        hardware: hardware.into(),
+        version: version.into(),
+    };
+    let target_name = TargetName::new(name.as_str()).map_err(|_| not_found())?;
+    let targets = &repo.targets().signed;
+    let target = targets.targets.get(&target_name).ok_or_else(not_found)?;
+    let (meta, index_target) = ImageMeta::from_custom(&target.custom).ok_or_else(|| {
+        StagingError::Index(format!(
+            "{name} lacks the image fields (version, hardware_id, chunk_index)"
+        ))
+    })?;
+    if meta.hardware_id != hardware {
+        return Err(StagingError::Hardware(format!(
+            "{name} is signed for hardware {}, not {hardware}",
+            meta.hardware_id
+        )));
+    }
+    if meta.version != version {
+        return Err(StagingError::Index(format!(
+            "{name} is signed as version {}",
+            meta.version
+        )));
+    }
+    Ok(ReleasedImage {
+        target: name,
+        meta,
+        index_target,
+        length: target.length,
+        sha256: hex::encode(&*target.hashes.sha256),
+        targets_version: targets.version.get(),
+        targets_expires: SystemTime::from(targets.expires),
+    })
+}
+
+fn check_policy(
+    image: &ReleasedImage,
+    policy: &Policy,
+    store_root: &Path,
+) -> Result<(), StagingError> {
+    let hw = &image.meta.hardware_id;
+    if !policy.hardware.is_empty() && !policy.hardware.contains(hw) {
+        return Err(StagingError::Hardware(format!(
+            "this depot serves {}, not {hw}",
+            policy.hardware.join(", ")
+        )));
+    }
+    if policy
+        .staged
+        .iter()
+        .any(|(h, v)| h == hw && *v == image.meta.version)
+    {
+        return Err(StagingError::AlreadyStaged {
+            hardware: hw.clone(),
+            version: image.meta.version.clone(),
+        });
+    }
+    let version = parse_version(&image.meta.version).map_err(StagingError::Index)?;
+    if let Some(floor) = policy.floors.get(hw)
+        && version < *floor
+    {
+        return Err(StagingError::BelowFloor {
+            hardware: hw.clone(),
+            version: image.meta.version.clone(),
+            floor: floor.to_string(),
+        });
+    }
+    let available = free_bytes(store_root).map_err(StagingError::io("checking free space"))?;
+    let needed = image.length.saturating_add(policy.reserve_bytes);
+    if available < needed {
+        return Err(StagingError::DiskFull {
+            needed: image.length,
+            available: available.saturating_sub(policy.reserve_bytes),
+        });
+    }
+    Ok(())
+}
+
+/// Free bytes for unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path).map_err(io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Reads the image once from `source` into a staging file, then checks length, hash and chunk
+/// index against the signed metadata. Blocking: run it off the async workers. On any failure
+/// the staging file is removed.
+pub fn ingest_image(
+    release: &VerifiedRelease,
+    source: impl Read,
+    staging_file: &Path,
+    progress: impl FnMut(u64),
+) -> Result<Ingested, StagingError> {
+    let result = (|| {
+        let file = File::create(staging_file).map_err(StagingError::io(format!(
+            "creating {}",
+            staging_file.display()
+        )))?;
+        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        // Never read more than the signed length (+1 to notice a longer source): endless data
+        // stops here.
+        let limited = source.take(release.image.length + 1);
+        let got = chunks::ingest(
+            io::BufReader::with_capacity(1 << 20, limited),
+            &mut writer,
+            progress,
+        )
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::StorageFull {
+                StagingError::Io {
+                    context: "writing the image".into(),
+                    source: e,
+                }
+            } else {
+                StagingError::Source(e.to_string())
+            }
+        })?;
+        writer
+            .into_inner()
+            .map_err(|e| StagingError::io("writing the image")(e.into_error()))?;
+        if got.length != release.image.length {
+            return Err(StagingError::Length {
+                expected: release.image.length,
+                actual: got.length,
+            });
+        }
+        if got.sha256 != release.image.sha256 {
+            return Err(StagingError::Hash {
+                expected: release.image.sha256.clone(),
+                actual: got.sha256,
+            });
+        }
+        if got.index.chunks != release.index.chunks {
+            return Err(StagingError::Index(
+                "the chunk boundaries or hashes differ from the signed index".into(),
+            ));
+        }
+        Ok(got)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(staging_file);
+    }
+    result
+}
+
+/// Makes a verified, ingested image visible: the pack, its index, the certifier key and the
+/// mirrored metadata.
+pub fn publish(
+    store: &ImageStore,
+    mirror: &Mirror,
+    release: &VerifiedRelease,
+    staging_file: &Path,
+) -> Result<(), StagingError> {
+    store
+        .publish(staging_file, &release.index, &release.index_bytes)
+        .map_err(StagingError::io("publishing the image"))?;
+    if let Some(certifier) = &release.certifier {
+        write_atomic(&mirror.certifier_path(), certifier)
+            .map_err(StagingError::io("mirroring the certifier key"))?;
+    }
+    mirror
+        .update(&release.metadata_files)
+        .map_err(StagingError::io("mirroring the release metadata"))?;
+    store.register(&release.index);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_names() {
+        for ok in [
+            "root.json",
+            "1.root.json",
+            "12.targets.json",
+            "timestamp.json",
+            "3.snapshot.json",
+        ] {
+            assert!(is_metadata_name(ok), "{ok}");
+        }
+        for bad in [
+            "../root.json",
+            "x.root.json",
+            "root.json.bak",
+            "1.delegated.json",
+            ".root.json",
+            "a/1.root.json",
+        ] {
+            assert!(!is_metadata_name(bad), "{bad}");
+        }
+    }
+}
