@@ -42,6 +42,199 @@ pub enum Command {
     Backup(BackupArgs),
     /// Replace the depot store with a backup (stop the depot first; the old store is kept).
     Restore(RestoreArgs),
+    /// Release tooling: keys, the fleet's signed image repository, depot certificates, bundles.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Stage a release on a running depot (upload a bundle, or point it at a URL or directory).
+    Stage(StageArgs),
+    /// The reference vehicle client.
+    #[command(subcommand)]
+    Vehicle(VehicleCommand),
+}
+
+/// Validity periods, for metadata the command signs.
+#[derive(Debug, Args, Clone)]
+pub struct ExpiryArgs {
+    /// How long the root metadata is valid.
+    #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = humantime::parse_duration)]
+    pub root_expires: std::time::Duration,
+    /// How long targets metadata is valid.
+    #[arg(long, value_name = "DURATION", default_value = "180d", value_parser = humantime::parse_duration)]
+    pub targets_expires: std::time::Duration,
+    /// How long snapshot metadata is valid.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub snapshot_expires: std::time::Duration,
+    /// How long timestamp metadata is valid; refresh well before (`release refresh`).
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub timestamp_expires: std::time::Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RepoArgs {
+    /// Directory with the signing keys (root, targets, snapshot, timestamp, certifier).
+    #[arg(long, value_name = "DIR")]
+    pub keys: PathBuf,
+    /// The image repository directory (metadata/ and targets/).
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Create signing keys (ed25519, PKCS#8 PEM, mode 0600): the missing ones of a keys
+    /// directory, or one new key with --out (for a rotation).
+    Keygen {
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "out",
+            conflicts_with = "out"
+        )]
+        keys: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Create a new image repository (TUF 1.0, consistent snapshots) signed by the keys.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
+    },
+    /// Add an image: one pass computes its hash and chunk index; both become signed targets.
+    Add {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// The image file.
+        #[arg(long, value_name = "FILE")]
+        image: PathBuf,
+        /// Semantic version of the image, e.g. 1.4.2.
+        #[arg(long)]
+        version: String,
+        /// Hardware id the image is for.
+        #[arg(long)]
+        hardware: String,
+        /// Lowest installed version this image may upgrade from.
+        #[arg(long, value_name = "VERSION")]
+        min_version: Option<String>,
+        /// Release notes.
+        #[arg(long)]
+        notes: Option<String>,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
+    },
+    /// Re-sign snapshot and timestamp with new expiries (run regularly: anti-freeze).
+    Refresh {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
+    },
+    /// Replace a role's key by TUF's rules (a new root signed by old and new root keys).
+    Rotate {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Whose key to replace: root, targets, snapshot or timestamp.
+        #[arg(long)]
+        role: String,
+        /// The new key (made with `release keygen --out`).
+        #[arg(long, value_name = "FILE")]
+        new_key: PathBuf,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
+    },
+    /// Certify a depot's director root (its /tuf/director/metadata/1.root.json) for a depot id.
+    CertifyDepot {
+        #[arg(long, value_name = "DIR")]
+        keys: PathBuf,
+        #[arg(long)]
+        depot_id: String,
+        #[arg(long, value_name = "FILE")]
+        director_root: PathBuf,
+        #[arg(long, value_name = "DURATION", default_value = "365d", value_parser = humantime::parse_duration)]
+        expires: std::time::Duration,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Pack one image of a repository, with the metadata it needs, into a bundle to upload.
+    Bundle {
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        #[arg(long)]
+        hardware: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    /// The depot's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub depot: String,
+    /// An API token with the technician role.
+    #[arg(long, env = "ATLASMESH_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Upload this release bundle (made by `release bundle`).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["url", "dir"])]
+    pub bundle: Option<PathBuf>,
+    /// Have the depot fetch the release from this repository URL.
+    #[arg(long, conflicts_with = "dir")]
+    pub url: Option<String>,
+    /// Have the depot read the release from this repository directory (e.g. a USB stick).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Hardware id of the image to stage (required with --url and --dir).
+    #[arg(long)]
+    pub hardware: Option<String>,
+    /// Version of the image to stage (required with --url and --dir).
+    #[arg(long)]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VehicleCommand {
+    /// Fetch and verify the image the depot assigned this vehicle into its inactive slot.
+    Pull(VehiclePullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VehiclePullArgs {
+    /// The depot's base URL.
+    #[arg(long)]
+    pub depot: String,
+    /// This vehicle's id.
+    #[arg(long)]
+    pub vehicle: String,
+    /// The inactive slot to write (a file or block device).
+    #[arg(long, value_name = "FILE")]
+    pub slot: PathBuf,
+    /// The running slot's image (its chunks are reused).
+    #[arg(long, value_name = "FILE")]
+    pub current: Option<PathBuf>,
+    /// Vehicle state: trust anchor, TUF datastores, progress (default ./atlasmesh-vehicle-<ID>).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Provision the fleet root (the image repository's 1.root.json) into the state directory.
+    #[arg(long, value_name = "FILE")]
+    pub fleet_root: Option<PathBuf>,
+    /// Hardware id, when the current slot is not a signed release.
+    #[arg(long)]
+    pub hardware: Option<String>,
+    /// Installed version, when the current slot is not a signed release.
+    #[arg(long)]
+    pub installed_version: Option<String>,
+    /// Refuse a depot whose certificate names another depot id.
+    #[arg(long)]
+    pub depot_id: Option<String>,
+    /// Parallel chunk requests.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Stop after fetching this many chunks (an undocking; the next pull resumes).
+    #[arg(long)]
+    pub stop_after_chunks: Option<usize>,
 }
 
 #[derive(Debug, Args, Clone)]

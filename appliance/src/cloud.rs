@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::datadir::DataDirLock;
 use crate::http::server::{ServeOptions, serve};
-use crate::http::{Core, Database, Mode, probe_routes, with_common_layers};
+use crate::http::{Core, Database, Mode, probe_routes, timeout, with_common_layers};
 use crate::metrics::CoreMetrics;
 use crate::sysstat;
 use atlasmesh_cloud_sync::CloudStore;
@@ -49,9 +49,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown: shutdown.clone(),
     };
     let router = with_common_layers(
-        probe_routes::<Core>().with_state(core),
+        probe_routes::<Core>()
+            .layer(timeout(config.http.request_timeout))
+            .with_state(core),
         metrics,
-        config.http.request_timeout,
         config.http.max_body_bytes,
     );
     let addr = listener.local_addr()?;

@@ -36,6 +36,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub ota: OtaConfig,
 }
 
 impl Default for Config {
@@ -48,6 +49,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             log: LogConfig::default(),
+            ota: OtaConfig::default(),
         }
     }
 }
@@ -184,6 +186,43 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaConfig {
+    /// The fleet's TUF root (`1.root.json` of the image repository) to pin at start. It can
+    /// also be pinned at run time by an admin (`PUT /api/v1/ota/fleet-root`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_root: Option<PathBuf>,
+    /// Hardware ids this depot stages images for; empty means any.
+    pub hardware: Vec<String>,
+    /// Free space to keep on the data filesystem beyond an image being staged.
+    pub reserve_bytes: u64,
+    /// Largest release bundle accepted by upload.
+    pub max_upload_bytes: u64,
+    /// Cap on downloads when staging from a URL, bytes per second (0: none).
+    pub download_bytes_per_second: u64,
+    /// Initial cap on what vehicles pull, bytes per second (0: none); changed at run time by
+    /// `PUT /api/v1/bandwidth`, which is kept across restarts.
+    pub bandwidth_bytes_per_second: u64,
+    /// How often the director repository is re-signed to keep its short expiries fresh.
+    #[serde(with = "humantime_serde")]
+    pub director_refresh: Duration,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        Self {
+            fleet_root: None,
+            hardware: Vec::new(),
+            reserve_bytes: 1024 * 1024 * 1024,
+            max_upload_bytes: 64 * 1024 * 1024 * 1024,
+            download_bytes_per_second: 0,
+            bandwidth_bytes_per_second: 0,
+            director_refresh: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
 /// Command-line values that override file and environment.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -197,7 +236,11 @@ pub struct Overrides {
 impl Config {
     /// Loads the effective configuration from the process environment.
     pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
-        Self::load_from(overrides, Env::prefixed(ENV_PREFIX).split("__"))
+        // ATLASMESH_TOKEN is the API token of the command-line client, not a setting.
+        Self::load_from(
+            overrides,
+            Env::prefixed(ENV_PREFIX).ignore(&["token"]).split("__"),
+        )
     }
 
     /// Loads with an explicit environment provider, so tests need not touch the process's.
@@ -273,6 +316,20 @@ impl Config {
                     message: "must be longer than zero".into(),
                 });
             }
+        }
+        for hw in &self.ota.hardware {
+            atlasmesh_ota_staging::meta::validate_hardware_id(hw).map_err(|message| {
+                ConfigError::InvalidValue {
+                    key: "ota.hardware",
+                    message,
+                }
+            })?;
+        }
+        if self.ota.director_refresh < Duration::from_secs(10) {
+            return Err(ConfigError::InvalidValue {
+                key: "ota.director_refresh",
+                message: "must be at least 10s".into(),
+            });
         }
         if self.auth.login_max_failures == 0 {
             return Err(ConfigError::InvalidValue {

@@ -108,6 +108,22 @@ async fn run_locked(
         shutdown.clone(),
     );
     let (events, _) = broadcast::channel(256);
+    let tls = crate::tls::acceptor(
+        &config.tls,
+        &config.data_dir,
+        std::slice::from_ref(&prepared.depot_id),
+    )?;
+    let ota = crate::ota::Ota::open(
+        &config.data_dir,
+        &config.ota,
+        store.clone(),
+        clock.clone(),
+        events.clone(),
+        &mut registry,
+        shutdown.clone(),
+    )
+    .await
+    .context("opening the image cache")?;
     let core = Core {
         mode: Mode::Depot,
         started_at: SystemTime::now(),
@@ -118,11 +134,6 @@ async fn run_locked(
         system,
         shutdown: shutdown.clone(),
     };
-    let tls = crate::tls::acceptor(
-        &config.tls,
-        &config.data_dir,
-        std::slice::from_ref(&prepared.depot_id),
-    )?;
     let config = Arc::new(config);
     let app = AppState {
         core,
@@ -136,6 +147,7 @@ async fn run_locked(
         )),
         config: config.clone(),
         events,
+        ota,
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());

@@ -27,6 +27,8 @@ pub mod depot;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ota;
+pub mod ota_cli;
 pub mod shutdown;
 pub mod store;
 pub mod sysstat;

@@ -3,15 +3,15 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use atlasmesh::cli::{Cli, Command, TokenCommand};
+use atlasmesh::cli::{Cli, Command, TokenCommand, VehicleCommand};
 use atlasmesh::config::{Config, ConfigError};
-use atlasmesh::{cloud, depot, logging, shutdown, tools};
+use atlasmesh::{cloud, depot, logging, ota_cli, shutdown, tools};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("atlasmesh: error: {err:#}");
             // Configuration mistakes are usage errors, like clap's own (exit 2).
@@ -31,25 +31,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Depot(args) => {
             let config = Config::load(&args.overrides())?;
             if args.print_config {
                 print!("{}", config.to_toml());
-                return Ok(());
+                return Ok(0);
             }
             logging::init(&config.log)?;
-            runtime()?.block_on(async { depot::run(config, shutdown::on_signals()?).await })
+            runtime()?.block_on(async { depot::run(config, shutdown::on_signals()?).await })?;
+            Ok(0)
         }
         Command::Cloud(args) => {
             let config = Config::load(&args.overrides())?;
             if args.print_config {
                 print!("{}", config.to_toml());
-                return Ok(());
+                return Ok(0);
             }
             logging::init(&config.log)?;
-            runtime()?.block_on(async { cloud::run(config, shutdown::on_signals()?).await })
+            runtime()?.block_on(async { cloud::run(config, shutdown::on_signals()?).await })?;
+            Ok(0)
         }
         Command::Token(TokenCommand::Create(args)) => {
             let config = Config::load(&args.common.overrides())?;
@@ -59,7 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 token.name, token.id, token.role
             );
             println!("{secret}");
-            Ok(())
+            Ok(0)
         }
         Command::Backup(args) => {
             let config = Config::load(&args.common.overrides())?;
@@ -71,7 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.schema_version,
                 report.sha256
             );
-            Ok(())
+            Ok(0)
         }
         Command::Restore(args) => {
             let config = Config::load(&args.common.overrides())?;
@@ -84,7 +86,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(kept) = report.previous_kept_as {
                 println!("the replaced store is kept as {}", kept.display());
             }
-            Ok(())
+            Ok(0)
+        }
+        Command::Release(command) => {
+            runtime()?.block_on(ota_cli::release(command))?;
+            Ok(0)
+        }
+        Command::Stage(args) => {
+            runtime()?.block_on(ota_cli::stage(args))?;
+            Ok(0)
+        }
+        Command::Vehicle(VehicleCommand::Pull(args)) => {
+            runtime()?.block_on(ota_cli::vehicle_pull(args))
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::audit;
 use crate::auth::{self, Role};
 
 pub fn router(app: AppState) -> Router<AppState> {
+    let timeout = super::timeout(app.config.http.request_timeout);
     Router::new()
         .route("/status", get(status))
         .route("/me", get(me))
@@ -27,6 +28,10 @@ pub fn router(app: AppState) -> Router<AppState> {
         .route("/users/{username}/password", put(change_password))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{id}", delete(revoke_token))
+        .merge(super::ota_api::routes())
+        .layer(timeout)
+        // Staging reads an upload of gigabytes as it arrives: no request timeout there.
+        .merge(super::ota_api::long_routes())
         .fallback(not_found)
         .route_layer(from_fn(observe::remember_route))
         .layer(from_fn_with_state(app, authn::authenticate))

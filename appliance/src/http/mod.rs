@@ -8,9 +8,12 @@
 pub mod api;
 pub mod authn;
 pub mod error;
+pub mod files;
 pub mod observe;
+pub mod ota_api;
 pub mod panel;
 pub mod server;
+pub mod vehicle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,18 +40,9 @@ use crate::sysstat::SystemSnapshot;
 use atlasmesh_cloud_sync::CloudStore;
 use error::{ApiError, AuditedMarker};
 
-/// Where "now" comes from, so tests and replays can control time.
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> SystemTime;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
+/// Where "now" comes from, so tests and replays can control time (one trait for the whole
+/// product; the trust code takes the same one).
+pub use atlasmesh_ota_staging::time::{Clock, SystemClock};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -129,6 +123,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub limiter: Arc<LoginLimiter>,
     pub events: broadcast::Sender<PanelEvent>,
+    pub ota: Arc<crate::ota::Ota>,
 }
 
 impl FromRef<AppState> for Core {
@@ -292,13 +287,9 @@ async fn metrics(State(core): State<Core>) -> Response {
 }
 
 /// Wraps a mode's routes in the shared middleware stack, outermost first: observe (ids, trace,
-/// metrics, JSON errors), panic catcher, timeout, body limit.
-pub fn with_common_layers<S>(
-    router: Router<S>,
-    metrics: CoreMetrics,
-    request_timeout: Duration,
-    max_body: usize,
-) -> Router<S>
+/// metrics, JSON errors), panic catcher, body limit. Request timeouts are applied per router
+/// ([`timeout`]), because an image upload legitimately takes longer than any API call.
+pub fn with_common_layers<S>(router: Router<S>, metrics: CoreMetrics, max_body: usize) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
@@ -306,12 +297,13 @@ where
         .route_layer(from_fn(observe::remember_route))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::Extension(error::BodyLimit(max_body)))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ))
         .layer(CatchPanicLayer::new())
         .layer(from_fn_with_state(metrics, observe::observe))
+}
+
+/// 408 when a request takes longer than `limit` to produce its response headers.
+pub fn timeout(limit: Duration) -> tower_http::timeout::TimeoutLayer {
+    tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limit)
 }
 
 /// The depot's whole HTTP surface.
@@ -321,12 +313,9 @@ pub fn depot_router(app: AppState) -> Router {
     let router = Router::new()
         .merge(probe_routes::<AppState>())
         .merge(panel::router())
+        .merge(vehicle::router())
+        .layer(timeout(config.http.request_timeout))
         .nest("/api/v1", api)
         .with_state(app.clone());
-    with_common_layers(
-        router,
-        app.core.metrics.clone(),
-        config.http.request_timeout,
-        config.http.max_body_bytes,
-    )
+    with_common_layers(router, app.core.metrics.clone(), config.http.max_body_bytes)
 }

@@ -19,7 +19,10 @@ use rusqlite_migration::{M, Migrations};
 pub use backup::{BackupReport, RestoreReport, backup, restore};
 
 /// Schema versions, oldest first. Never edit a migration that has shipped; add a new one.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_foundation.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_foundation.sql"),
+    include_str!("migrations/0002_ota.sql"),
+];
 
 /// The schema version this binary migrates to.
 pub fn schema_version() -> usize {
