@@ -71,10 +71,28 @@ impl From<tough::error::Error> for TrustError {
             | E::SystemTimeSteppedBackward { .. } => TrustError::Rollback(text),
             E::MaxSizeExceeded { .. } | E::MaxUpdatesExceeded { .. } => TrustError::TooLarge(text),
             E::HashMismatch { .. } => TrustError::Mismatch(text),
-            E::Transport { .. } => TrustError::Fetch(text),
+            // tough checks hashes and sizes while it streams, inside the transport; the real
+            // cause is further down the source chain.
+            E::Transport { ref source, .. } => match cause_in(source) {
+                Some(E::HashMismatch { .. }) => TrustError::Mismatch(text),
+                Some(E::MaxSizeExceeded { .. }) => TrustError::TooLarge(text),
+                _ => TrustError::Fetch(text),
+            },
             _ => TrustError::Other(text),
         }
     }
+}
+
+/// The first tough error in an error's source chain.
+fn cause_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a tough::error::Error> {
+    let mut current = error.source();
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<tough::error::Error>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// The largest metadata or small target fetched in one piece (endless-data defence; tough also
