@@ -42,6 +42,101 @@
     }
   }
 
+  // Actions go through the same /api/v1 as scripts do, with the session's CSRF token.
+  const csrf = () => (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+  async function api(method, path, body, contentType) {
+    const headers = { "x-csrf-token": csrf() };
+    if (contentType) headers["content-type"] = contentType;
+    const response = await fetch(path, { method, headers, body, credentials: "same-origin" });
+    let data = null;
+    try { data = await response.json(); } catch (_) { /* no body */ }
+    if (!response.ok) throw new Error((data && data.error && data.error.message) || `${response.status} ${response.statusText}`);
+    return data;
+  }
+  function showError(message) {
+    const el = document.querySelector("[data-api-error]");
+    if (el) { el.textContent = message; el.hidden = false; el.scrollIntoView({ block: "nearest" }); } else { window.alert(message); }
+  }
+  function jsonFor(kind, form) {
+    const f = new FormData(form);
+    const text = (k) => String(f.get(k) || "").trim();
+    switch (kind) {
+      case "bandwidth": { const v = text("mib_per_second"); return { bytes_per_second: v ? Math.round(parseFloat(v) * 1048576) : null }; }
+      case "stage": {
+        const source = text("source");
+        const body = { hardware: text("hardware"), version: text("version") };
+        if (/^https?:\/\//.test(source)) body.url = source; else body.path = source;
+        return body;
+      }
+      case "assign": return { vehicle_id: text("vehicle_id"), version: text("version") };
+      default: return Object.fromEntries(f.entries());
+    }
+  }
+  function upload(form) {
+    const file = form.querySelector("input[type=file]").files[0];
+    if (!file) return;
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", form.dataset.upload);
+    xhr.setRequestHeader("x-csrf-token", csrf());
+    xhr.setRequestHeader("content-type", "application/x-tar");
+    xhr.upload.onprogress = (e) => {
+      if (!e.lengthComputable) return;
+      set("staging-bytes", `Uploading and staging: ${bytes(e.loaded)} of ${bytes(e.total)}`);
+      meter("staging", pct(e.loaded, e.total));
+    };
+    xhr.onload = () => {
+      if (xhr.status >= 200 && xhr.status < 300) { window.location.reload(); return; }
+      let message = `${xhr.status} ${xhr.statusText}`;
+      try { message = JSON.parse(xhr.responseText).error.message; } catch (_) { /* keep the status */ }
+      showError(message);
+    };
+    xhr.onerror = () => showError("The upload was interrupted.");
+    xhr.send(file);
+  }
+  document.addEventListener("submit", async (e) => {
+    const form = e.target;
+    if (form.dataset.upload) { e.preventDefault(); upload(form); return; }
+    if (!form.dataset.api) return;
+    e.preventDefault();
+    const [method, path] = form.dataset.api.split(" ");
+    try {
+      const body = form.dataset.file ? form.querySelector("input[type=file]").files[0] : JSON.stringify(jsonFor(form.dataset.json, form));
+      await api(method, path, body, "application/json");
+      window.location.reload();
+    } catch (err) { showError(err.message); }
+  });
+  document.addEventListener("click", async (e) => {
+    const action = e.target.closest("[data-api-button]");
+    if (action) {
+      if (action.dataset.confirm && !window.confirm(action.dataset.confirm)) return;
+      const [method, path] = action.dataset.apiButton.split(" ");
+      try { await api(method, path); window.location.reload(); } catch (err) { showError(err.message); }
+      return;
+    }
+    const validate = e.target.closest("[data-validate]");
+    if (validate) {
+      validate.disabled = true;
+      validate.textContent = "Validating…";
+      try {
+        const result = await api("GET", validate.dataset.validate);
+        const v = result.validation;
+        validate.textContent = v.ok ? "Intact" : `Damaged: ${v.bad_chunks.length} chunk(s)`;
+        validate.classList.add(v.ok ? "ok" : "danger");
+      } catch (err) { showError(err.message); validate.textContent = "Validate"; }
+      validate.disabled = false;
+    }
+  });
+
+  function onStaging(msg) {
+    if (!document.querySelector("[data-staging-live]")) return;
+    if (msg.state === "running") {
+      set("staging-bytes", msg.bytes_total ? `${bytes(msg.bytes_done)} of ${bytes(msg.bytes_total)}` : `${bytes(msg.bytes_done)}`);
+      if (msg.bytes_total) meter("staging", pct(msg.bytes_done, msg.bytes_total));
+    } else {
+      window.setTimeout(() => window.location.reload(), 600);
+    }
+  }
+
   function connect() {
     const indicator = document.querySelector("[data-live-indicator]");
     if (!indicator || !window.EventSource) return;
@@ -49,6 +144,7 @@
     source.addEventListener("open", () => { indicator.dataset.state = "live"; indicator.textContent = "live"; });
     source.addEventListener("error", () => { indicator.dataset.state = "lost"; indicator.textContent = "reconnecting"; });
     source.addEventListener("system", (e) => onSystem(JSON.parse(e.data)));
+    source.addEventListener("staging", (e) => onStaging(JSON.parse(e.data)));
     // Other sections register their own handlers on this hook.
     window.atlasmesh = { source };
   }
@@ -56,8 +152,8 @@
   // Buttons with data-confirm ask before submitting their form.
   document.addEventListener("submit", (e) => {
     const button = e.submitter;
-    if (button && button.dataset.confirm && !window.confirm(button.dataset.confirm)) e.preventDefault();
-  });
+    if (button && button.dataset.confirm && !window.confirm(button.dataset.confirm)) e.stopImmediatePropagation(), e.preventDefault();
+  }, true);
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", connect);
   else connect();

@@ -44,6 +44,134 @@ fn start_chromedriver() -> Driver {
     Driver { child, url }
 }
 
+fn capabilities(profile: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1366,900",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    caps
+}
+
+async fn sign_in(
+    client: &fantoccini::Client,
+    depot: &Server,
+    password: &str,
+) -> Result<(), fantoccini::error::CmdError> {
+    client.goto(&depot.url("/login")).await?;
+    client
+        .find(Locator::Css("input[name=username]"))
+        .await?
+        .send_keys("admin")
+        .await?;
+    client
+        .find(Locator::Css("input[name=password]"))
+        .await?
+        .send_keys(password)
+        .await?;
+    client
+        .find(Locator::Css("button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    client.wait().for_element(Locator::Css("main h1")).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn technician_stages_and_validates_an_image_in_the_panel() {
+    let (fleet, depot, bundle) = tokio::task::spawn_blocking(|| {
+        let fleet = atlasmesh_tests::ota::Fleet::new().unwrap();
+        fleet
+            .add(
+                "veh-gen2",
+                "2.4.0",
+                &atlasmesh_tests::ota::random_bytes(3 << 20, 7),
+                &["--notes", "Winter traction control"],
+            )
+            .unwrap();
+        let bundle = fleet.bundle("veh-gen2", "2.4.0").unwrap();
+        let depot = atlasmesh_tests::ota::OtaDepot::start(&fleet, &[]).unwrap();
+        (fleet, depot, bundle)
+    })
+    .await
+    .unwrap();
+    let password = depot.server.admin_password();
+    let driver = tokio::task::spawn_blocking(start_chromedriver)
+        .await
+        .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities(profile.path()))
+        .connect(&driver.url)
+        .await
+        .expect("connecting to chromedriver");
+    let result = async {
+        sign_in(&client, &depot.server, &password).await?;
+        client.goto(&depot.server.url("/ota")).await?;
+        let heading = client.wait().for_element(Locator::Css("main h1")).await?;
+        assert_eq!(heading.text().await?, "OTA images");
+        // Upload the bundle through the panel's form, as a technician at the depot would.
+        client
+            .find(Locator::Css("form[data-upload] input[type=file]"))
+            .await?
+            .send_keys(bundle.to_str().unwrap())
+            .await?;
+        client
+            .find(Locator::Css("form[data-upload] button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let row = client
+            .wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::XPath("//table//td/strong[text()='2.4.0']"))
+            .await?;
+        assert_eq!(row.text().await?, "2.4.0");
+        let page = client.find(Locator::Css("main")).await?.text().await?;
+        assert!(page.contains("Winter traction control"), "{page}");
+        assert!(page.to_lowercase().contains("verified"), "{page}");
+        // Validate re-reads the image on the depot and reports it intact.
+        client
+            .find(Locator::Css("button[data-validate]"))
+            .await?
+            .click()
+            .await?;
+        client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::XPath("//button[@data-validate][text()='Intact']"))
+            .await?;
+        let png = client.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-ota.png"), &png).expect("saving the screenshot");
+        Ok::<_, fantoccini::error::CmdError>(())
+    }
+    .await;
+    client.close().await.ok();
+    drop(driver);
+    let audit = tokio::task::spawn_blocking(move || {
+        let audit = depot.get("/api/v1/audit?action=image.stage").unwrap();
+        drop((fleet, depot));
+        audit
+    })
+    .await
+    .unwrap();
+    result.expect("browser session");
+    assert_eq!(
+        audit["records"][0]["result"], "ok",
+        "the panel upload is audited: {audit}"
+    );
+    assert_eq!(audit["records"][0]["actor"], "user:admin");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn technician_signs_in_and_sees_the_live_overview() {
     let depot = tokio::task::spawn_blocking(Server::depot).await.unwrap();

@@ -38,10 +38,7 @@ const LOGIN_CSRF_COOKIE: &str = "atlasmesh_login_csrf";
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(pages::overview))
-        .route(
-            "/ota",
-            get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Ota)),
-        )
+        .route("/ota", get(pages::ota))
         .route(
             "/rollouts",
             get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Rollouts)),

@@ -230,6 +230,216 @@ pub async fn overview(user: PanelUser, State(app): State<AppState>) -> Markup {
     layout(&app, &user, PageKind::Overview, content)
 }
 
+fn when(ms: Option<i64>) -> String {
+    ms.map(|t| {
+        audit::rfc3339(t)
+            .replace('T', " ")
+            .chars()
+            .take(16)
+            .collect::<String>()
+            + " UTC"
+    })
+    .unwrap_or_else(|| "—".into())
+}
+
+fn system_time_ms(t: Option<std::time::SystemTime>) -> Option<i64> {
+    t.map(crate::store::unix_ms)
+}
+
+/// The image cache: trust, staging, staged images, assignments and the upload cap.
+pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
+    use crate::ota::db;
+    let loaded = app
+        .store
+        .read(|c| {
+            Ok::<_, crate::store::StoreError>((
+                db::images(c, false)?,
+                db::assignments(c)?,
+                db::recent_jobs(c, 8)?,
+            ))
+        })
+        .await;
+    let (images, assignments, jobs) = match loaded {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "loading the OTA page");
+            (Vec::new(), Vec::new(), Vec::new())
+        }
+    };
+    let technician = user.role >= Role::Technician;
+    let admin = user.role >= Role::Admin;
+    let root_pinned = app.ota.mirror.fleet_root().is_some();
+    let certificate = app.ota.certificate();
+    let rate = app.ota.bandwidth.rate();
+    let live = app.ota.live_job();
+    let now = crate::store::unix_ms(app.clock.now());
+    let content = html! {
+        div.banner.crit hidden data-api-error role="alert" {}
+        section.cards {
+            div.card {
+                h2 { "Fleet trust" }
+                @if root_pinned {
+                    p.big { span.pill.ok { "root pinned" } }
+                    dl {
+                        dt { "Image metadata valid until" }
+                        dd { (when(system_time_ms(app.ota.timestamp_expires()))) }
+                    }
+                } @else {
+                    p.big { span.pill.warn { "no fleet root" } }
+                    p.muted { "Staging is refused until the fleet's root is pinned: set " code { "ota.fleet_root" } " or have an admin upload it." }
+                }
+            }
+            div.card {
+                h2 { "Director certificate" }
+                @if let Some(cert) = &certificate {
+                    p.big { span.pill.ok { "certified" } }
+                    dl { dt { "Valid until" } dd { (cert.signed.expires.chars().take(16).collect::<String>().replace('T', " ")) " UTC" } }
+                } @else {
+                    p.big { span.pill.warn { "not certified" } }
+                    p.muted { "Vehicles will not trust this depot's assignments until release engineering certifies "
+                        a href="/tuf/director/metadata/1.root.json" { "its director root" } " and an admin installs the certificate." }
+                }
+                @if admin {
+                    form data-api="PUT /api/v1/ota/director/certificate" data-file="certificate" {
+                        input type="file" name="certificate" accept=".json,application/json" required;
+                        button.primary type="submit" { "Install certificate" }
+                    }
+                }
+            }
+            div.card {
+                h2 { "Upload limit to vehicles" }
+                p.big { @match rate { Some(r) => (format!("{:.1} MiB/s", r as f64 / 1048576.0)), None => "unlimited" } }
+                @if technician {
+                    form.inline data-api="PUT /api/v1/bandwidth" data-json="bandwidth" {
+                        input type="number" name="mib_per_second" min="0.0625" step="0.0625" placeholder="MiB/s (empty: none)";
+                        button.primary type="submit" { "Set" }
+                    }
+                }
+            }
+        }
+        section.card.wide {
+            h2 { "Staging" }
+            div data-staging-live data-job=[live.as_ref().map(|j| j.id)] {
+                @if let Some(job) = &live {
+                    p { "Job " (job.id) " from " code { (job.source) } }
+                    (meter(job.bytes_total.map(|t| percent(job.bytes_done(), t)).unwrap_or(0.0), "staging"))
+                    p.muted data-live="staging-bytes" { (bytes(job.bytes_done())) @if let Some(t) = job.bytes_total { " of " (bytes(t)) } }
+                } @else {
+                    p.muted data-live="staging-bytes" { "Nothing is being staged." }
+                }
+            }
+            @if technician {
+                div.stage-forms {
+                    form.stack data-upload="/api/v1/images" {
+                        label { span { "Release bundle (made by " code { "atlasmesh release bundle" } ")" } input type="file" name="bundle" accept=".tar" required; }
+                        button.primary type="submit" { "Upload and stage" }
+                    }
+                    form.stack data-api="POST /api/v1/images" data-json="stage" {
+                        label { "Repository URL or local directory" input type="text" name="source" placeholder="https://releases.example/repo/ or /media/usb/repo" required; }
+                        div.row {
+                            label { "Hardware" input type="text" name="hardware" required; }
+                            label { "Version" input type="text" name="version" required; }
+                        }
+                        button.primary type="submit" { "Stage" }
+                    }
+                }
+            }
+            @if !jobs.is_empty() {
+                div.table-scroll {
+                    table.data {
+                        thead { tr { th { "Job" } th { "Source" } th { "Image" } th { "Result" } th { "Finished" } } }
+                        tbody {
+                            @for job in &jobs {
+                                tr {
+                                    td { (job.id) }
+                                    td { code { (job.source) } }
+                                    td { (job.hardware_id.as_deref().unwrap_or("")) " " (job.version.as_deref().unwrap_or("")) }
+                                    td {
+                                        @match job.state.as_str() {
+                                            "staged" => span.pill.ok { "staged" },
+                                            "running" => span.pill.idle { "running" },
+                                            _ => { span.pill.crit { (job.error_code.as_deref().unwrap_or(&job.state)) } " " span.muted.small { (job.error.as_deref().unwrap_or("")) } },
+                                        }
+                                    }
+                                    td.nowrap { (when(job.finished_at)) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section.card.wide {
+            h2 { "Staged images" }
+            @if images.is_empty() {
+                p.muted { "No image is staged on this depot." }
+            } @else {
+                div.table-scroll {
+                    table.data {
+                        thead { tr { th { "Hardware" } th { "Version" } th { "Size" } th { "Chunks" } th { "Signature" } th { "Signed until" } th { "Assigned to" } th {} } }
+                        tbody {
+                            @for image in &images {
+                                @let assigned: Vec<&str> = assignments.iter().filter(|a| a.image_id == image.id).map(|a| a.vehicle_id.as_str()).collect();
+                                @let path = format!("/api/v1/images/{}?hardware={}", image.version, image.hardware_id);
+                                tr {
+                                    td { (image.hardware_id) }
+                                    td { strong { (image.version) } @if let Some(notes) = &image.notes { br; span.muted.small { (notes) } } }
+                                    td.nowrap { (bytes(image.length as u64)) }
+                                    td { (image.chunk_count) }
+                                    td {
+                                        @if image.corrupt_at.is_some() { span.pill.crit { "damaged on disk" } }
+                                        @else { span.pill.ok { "verified" } }
+                                    }
+                                    td.nowrap {
+                                        @if image.targets_expires <= now { span.pill.warn { "expired" } " " }
+                                        (when(Some(image.targets_expires)))
+                                    }
+                                    td { @if assigned.is_empty() { span.muted { "—" } } @else { (assigned.len()) " vehicle(s): " (assigned.join(", ")) } }
+                                    td.nowrap.actions {
+                                        button.small data-validate=(format!("/api/v1/images/{}/validate?hardware={}", image.version, image.hardware_id)) { "Validate" }
+                                        @if technician {
+                                            button.small.danger data-api-button=(format!("DELETE {path}")) data-confirm=(format!("Delete {} {}?", image.hardware_id, image.version)) { "Delete" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section.card.wide {
+            h2 { "Assignments" }
+            p.muted { "What the director tells each vehicle to install. Canary waves will drive this; until then technicians assign by hand." }
+            @if technician {
+                form.inline data-api="POST /api/v1/assignments" data-json="assign" {
+                    input type="text" name="vehicle_id" placeholder="vehicle id" required;
+                    input type="text" name="version" placeholder="version" required;
+                    button.primary type="submit" { "Assign" }
+                }
+            }
+            @if !assignments.is_empty() {
+                table.data {
+                    thead { tr { th { "Vehicle" } th { "Image" } th { "Assigned" } th { "By" } th {} } }
+                    tbody {
+                        @for a in &assignments {
+                            tr {
+                                td { code { (a.vehicle_id) } }
+                                td { (a.hardware_id) " " (a.version) }
+                                td.nowrap { (when(Some(a.assigned_at))) }
+                                td { (a.assigned_by) }
+                                td { @if technician { button.small.danger data-api-button=(format!("DELETE /api/v1/assignments/{}", a.vehicle_id)) data-confirm=(format!("Remove the assignment of {}?", a.vehicle_id)) { "Remove" } } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        noscript { p.muted { "Viewing works without JavaScript; staging, validating and assigning need it." } }
+    };
+    layout(&app, &user, PageKind::Ota, content).into_response()
+}
+
 /// Sections whose subsystem has not been built yet say so plainly.
 pub async fn pending(user: PanelUser, State(app): State<AppState>, kind: PageKind) -> Markup {
     let (what, when) = match kind {
