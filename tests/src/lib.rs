@@ -48,6 +48,9 @@ fn target_dir() -> PathBuf {
 /// (`cargo build -p ...`) unifies features or picks profiles differently, and each build
 /// would undo the other.
 pub fn atlasmesh_bin() -> PathBuf {
+    if let Some(bin) = BINARY_OVERRIDE.get() {
+        return bin.clone();
+    }
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         // Test executables live in target/<profile>/deps/.
@@ -98,6 +101,13 @@ pub fn atlasmesh_bin() -> PathBuf {
         bin
     })
     .clone()
+}
+
+static BINARY_OVERRIDE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes the harness run `bin` instead of building one (benchmarks use the release build).
+pub fn use_binary(bin: PathBuf) {
+    let _ = BINARY_OVERRIDE.set(bin);
 }
 
 /// A `Command` for the binary with a clean environment: no `ATLASMESH_*` variable of the
