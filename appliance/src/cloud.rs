@@ -60,6 +60,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let options = ServeOptions {
         header_read_timeout: config.http.header_read_timeout,
         shutdown_grace: config.http.shutdown_grace,
+        bulk_prefixes: &[],
+        bulk_direct: None,
     };
     serve(listener, None, router, options, shutdown).await;
     store.close().await;

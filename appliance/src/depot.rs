@@ -166,6 +166,15 @@ async fn run_locked(
     let options = ServeOptions {
         header_read_timeout: config.http.header_read_timeout,
         shutdown_grace: config.http.shutdown_grace,
+        bulk_prefixes: http::observe::BULK_PREFIXES,
+        bulk_direct: Some(Arc::new(http::fastpath::Direct {
+            resolve: {
+                let ota = app.ota.clone();
+                Box::new(move |request| http::vehicle::resolve_bulk(&ota, request))
+            },
+            route: http::vehicle::BULK_ROUTE,
+            metrics: app.core.metrics.clone(),
+        })),
     };
     serve(listener, tls, http::depot_router(app), options, shutdown).await;
 

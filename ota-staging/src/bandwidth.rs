@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 const QUANTUM: u64 = 1024;
@@ -25,6 +25,8 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct Bandwidth {
     state: Arc<Mutex<State>>,
+    /// Wakes the refill task when the cap changes; without a cap it sleeps.
+    changed: Arc<Notify>,
 }
 
 impl Default for Bandwidth {
@@ -40,6 +42,7 @@ impl Bandwidth {
                 rate,
                 semaphore: Arc::new(Semaphore::new(0)),
             })),
+            changed: Arc::new(Notify::new()),
         }
     }
 
@@ -54,6 +57,7 @@ impl Bandwidth {
         state.rate = rate.filter(|r| *r > 0);
         state.semaphore.close();
         state.semaphore = Arc::new(Semaphore::new(0));
+        self.changed.notify_one();
     }
 
     /// Waits until `bytes` may be sent.
@@ -82,7 +86,7 @@ impl Bandwidth {
         }
     }
 
-    /// Refills the current semaphore every tick until `shutdown`.
+    /// Refills the current semaphore every tick until `shutdown`; sleeps while there is no cap.
     pub fn spawn_refill(&self, shutdown: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -98,7 +102,14 @@ impl Bandwidth {
                     let state = this.state.lock().unwrap_or_else(|p| p.into_inner());
                     (state.rate, state.semaphore.clone())
                 };
-                let Some(rate) = rate else { continue };
+                let Some(rate) = rate else {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = this.changed.notified() => {}
+                    }
+                    ticker.reset();
+                    continue;
+                };
                 // Whole permits per tick, carrying the remainder so slow rates stay exact.
                 let bytes = rate * TICK.as_millis() as u64 / 1000 + carry;
                 let permits = bytes / QUANTUM;

@@ -1297,3 +1297,108 @@ fn root_rotation_reaches_depots_vehicles_and_python_tuf() {
             .is_file()
     );
 }
+
+/// Splits one raw HTTP/1.1 response off the front of `raw`: (head, body), given whether the
+/// response has a body (not for HEAD).
+fn split_response(raw: &mut Vec<u8>, with_body: bool) -> (String, Vec<u8>) {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete head")
+        + 4;
+    let head = String::from_utf8(raw[..end].to_vec()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let body_len = if with_body { length } else { 0 };
+    let body = raw[end..end + body_len].to_vec();
+    raw.drain(..end + body_len);
+    (head, body)
+}
+
+#[test]
+fn bulk_reads_and_api_calls_share_one_keep_alive_connection() {
+    // Image ranges go out with sendfile on the server's own HTTP/1 path; anything else on the
+    // same connection must still reach the router, in order, pipelined or not.
+    let t = setup(MIB, 2);
+    let sha = t.depot.get("/api/v1/images/1.0.0").unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let addr = t
+        .depot
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /images/{sha}.img HTTP/1.1\r\nHost: depot\r\nRange: bytes=10-19\r\n\r\n\
+         HEAD /images/{sha}.img HTTP/1.1\r\nHost: depot\r\n\r\n\
+         GET /images/{sha}.img HTTP/1.1\r\nHost: depot\r\nRange: bytes=999999999-\r\n\r\n\
+         GET /health HTTP/1.1\r\nHost: depot\r\n\r\n\
+         GET /chunks/{sha} HTTP/1.1\r\nHost: depot\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+
+    let (head, body) = split_response(&mut raw, true);
+    assert!(
+        head.starts_with("HTTP/1.1 206 Partial Content\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("content-range: bytes 10-19/{}", t.v1.len())),
+        "{head}"
+    );
+    assert!(
+        head.contains("x-request-id: ") && head.contains("traceparent: 00-"),
+        "{head}"
+    );
+    assert_eq!(body, &t.v1[10..20]);
+
+    let (head, _) = split_response(&mut raw, false);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", t.v1.len())),
+        "{head}"
+    );
+
+    let (head, body) = split_response(&mut raw, true);
+    assert!(head.starts_with("HTTP/1.1 416"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("range_not_satisfiable"));
+
+    let (head, body) = split_response(&mut raw, true);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("healthy"));
+
+    // An image hash is not a chunk: the router's 404, and the connection closes as asked.
+    let (head, _) = split_response(&mut raw, true);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(raw.is_empty(), "nothing after the last response");
+
+    let metrics = http()
+        .get(t.depot.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("atlasmesh_http_requests_total")
+                && l.contains("route=\"/images/{name}\"")
+                && l.contains("status=\"206\"")),
+        "bulk reads are counted like any request"
+    );
+}

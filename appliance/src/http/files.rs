@@ -1,11 +1,11 @@
 //! Serving file ranges to vehicles: one byte range per request (`Range`, `If-Range`), strong
 //! ETags, 304 for `If-None-Match`, and a body streamed in blocks read positionally on the
 //! blocking pool, so an image of gigabytes is never buffered and any number of responses share
-//! one open file. Each block waits for the depot's bandwidth cap first.
+//! one open file. Each block waits for the depot's bandwidth cap first. On plain-TCP HTTP/1
+//! connections the response's [`FileRegion`] is sent with sendfile instead (`fastpath`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use atlasmesh_ota_staging::bandwidth::Bandwidth;
@@ -16,6 +16,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 
 use super::error::ApiError;
+use super::fastpath::FileRegion;
 
 /// 256 KiB per read: large enough that the per-block overhead vanishes, small enough that 64
 /// parallel downloads stay within a few tens of MiB.
@@ -32,26 +33,6 @@ pub struct Servable {
     pub content_type: &'static str,
     /// Content addressed by hash never changes; mutable names must be revalidated.
     pub immutable: bool,
-}
-
-impl Servable {
-    pub fn open(
-        path: &Path,
-        etag: String,
-        content_type: &'static str,
-        immutable: bool,
-    ) -> Result<Self, ApiError> {
-        let file = File::open(path).map_err(|_| ApiError::not_found("no such file"))?;
-        let length = file.metadata().map_err(ApiError::internal)?.len();
-        Ok(Self {
-            file: Arc::new(file),
-            base: 0,
-            length,
-            etag,
-            content_type,
-            immutable,
-        })
-    }
 }
 
 /// The byte range a request asks for, if it asks for one this server will honour.
@@ -156,6 +137,13 @@ pub fn serve(
             return response;
         }
     };
+    let region = FileRegion {
+        file: servable.file.clone(),
+        start: servable.base + start,
+        end: servable.base + end,
+        bandwidth: bandwidth.clone(),
+        served: served.clone(),
+    };
     let body = stream(
         servable.file.clone(),
         servable.base + start,
@@ -176,7 +164,9 @@ pub fn serve(
             format!("bytes {start}-{}/{}", end - 1, servable.length),
         );
     }
+    // The fast path sends the region with sendfile; hyper streams the body.
     response
+        .extension(region)
         .body(body)
         .unwrap_or_else(|e| ApiError::internal(e).into_response())
 }

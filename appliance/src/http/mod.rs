@@ -8,6 +8,7 @@
 pub mod api;
 pub mod authn;
 pub mod error;
+pub mod fastpath;
 pub mod files;
 pub mod observe;
 pub mod ota_api;

@@ -105,30 +105,55 @@ fn incoming_request_id(headers: &HeaderMap) -> Option<String> {
     ok.then(|| value.to_owned())
 }
 
+/// Vehicles' bulk reads: chunks and image ranges.
+pub const BULK_PREFIXES: &[&str] = &["/images/", "/chunks/"];
+
+fn is_bulk(path: &str) -> bool {
+    BULK_PREFIXES.iter().any(|p| path.starts_with(p))
+}
+
+impl RequestContext {
+    /// The caller's request id and trace when valid, new ones otherwise.
+    fn for_request(headers: &HeaderMap) -> Self {
+        Self {
+            trace_id: parse_traceparent(headers).unwrap_or_else(|| random_hex(16)),
+            span_id: random_hex(8),
+            request_id: incoming_request_id(headers).unwrap_or_else(|| random_hex(12)),
+        }
+    }
+}
+
 pub async fn observe(
     State(metrics): State<CoreMetrics>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let trace_id = parse_traceparent(request.headers()).unwrap_or_else(|| random_hex(16));
-    let span_id = random_hex(8);
-    let request_id = incoming_request_id(request.headers()).unwrap_or_else(|| random_hex(12));
+    let ids = RequestContext::for_request(request.headers());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    request.extensions_mut().insert(RequestContext {
-        request_id: request_id.clone(),
-        trace_id: trace_id.clone(),
-        span_id: span_id.clone(),
-    });
-    let span = tracing::info_span!(
-        "request",
-        method = %method,
-        path = %path,
-        request_id = %request_id,
-        trace_id = %trace_id,
-        span_id = %span_id,
-    );
+    request.extensions_mut().insert(ids.clone());
+    // Bulk reads by vehicles (thousands per image) get a debug span: at the default level it
+    // is never formatted.
+    let span = if is_bulk(&path) {
+        tracing::debug_span!(
+            "request",
+            method = %method,
+            path = %path,
+            request_id = %ids.request_id,
+            trace_id = %ids.trace_id,
+            span_id = %ids.span_id,
+        )
+    } else {
+        tracing::info_span!(
+            "request",
+            method = %method,
+            path = %path,
+            request_id = %ids.request_id,
+            trace_id = %ids.trace_id,
+            span_id = %ids.span_id,
+        )
+    };
 
     metrics.http_in_flight.inc();
     let mut response = next.run(request).instrument(span.clone()).await;
@@ -137,19 +162,64 @@ pub async fn observe(
     if response.status().as_u16() >= 400 && !has_own_body(&response) {
         response = json_error(response).await;
     }
-
-    let status = response.status().as_u16();
     let route = response
         .extensions()
         .get::<RouteTemplate>()
         .map(|r| r.0.clone())
         .unwrap_or_else(|| "unmatched".to_owned());
+    span.in_scope(|| {
+        finish(
+            &metrics,
+            &method,
+            &path,
+            &route,
+            started,
+            &ids,
+            &mut response,
+        )
+    });
+    response
+}
+
+/// What `observe` does for a response produced outside the router (the bulk fast path): the
+/// same ids, trace header, metrics and log line.
+pub fn observe_direct(
+    metrics: &CoreMetrics,
+    request: &Request,
+    route: &str,
+    started: Instant,
+    response: &mut Response,
+) {
+    let ids = RequestContext::for_request(request.headers());
+    let path = request.uri().path();
+    finish(
+        metrics,
+        request.method(),
+        path,
+        route,
+        started,
+        &ids,
+        response,
+    );
+}
+
+/// Counts and times a finished request, logs it, and stamps its ids on the response.
+fn finish(
+    metrics: &CoreMetrics,
+    method: &axum::http::Method,
+    path: &str,
+    route: &str,
+    started: Instant,
+    ids: &RequestContext,
+    response: &mut Response,
+) {
+    let status = response.status().as_u16();
     let elapsed = started.elapsed();
     metrics
         .http_requests
         .get_or_create(&HttpLabels {
             method: method.to_string(),
-            route: route.clone(),
+            route: route.to_owned(),
             status,
         })
         .inc();
@@ -157,32 +227,33 @@ pub async fn observe(
         .http_duration
         .get_or_create(&RouteLabels {
             method: method.to_string(),
-            route: route.clone(),
+            route: route.to_owned(),
         })
         .observe(elapsed.as_secs_f64());
 
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
-    span.in_scope(|| {
-        // Probes and scrapes arrive every few seconds; at info they would drown the log.
-        let routine =
-            route.starts_with("/health") || route == "/metrics" || route == "/assets/{file}";
-        if status >= 500 {
-            tracing::error!(status, route = %route, elapsed_ms, "request failed");
-        } else if routine {
-            tracing::debug!(status, route = %route, elapsed_ms, "request");
-        } else {
-            tracing::info!(status, route = %route, elapsed_ms, "request");
-        }
-    });
+    // Probes and scrapes arrive every few seconds, and a vehicle makes thousands of chunk or
+    // range requests per image; at info they would drown the log and cost the transfer a log
+    // write each (metrics still count them, and bytes served).
+    let routine = route.starts_with("/health")
+        || route == "/metrics"
+        || route == "/assets/{file}"
+        || is_bulk(path);
+    if status >= 500 {
+        tracing::error!(status, route = %route, elapsed_ms, "request failed");
+    } else if routine {
+        tracing::debug!(status, route = %route, elapsed_ms, "request");
+    } else {
+        tracing::info!(status, route = %route, elapsed_ms, "request");
+    }
 
     let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(&ids.request_id) {
         headers.insert("x-request-id", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-01")) {
+    if let Ok(v) = HeaderValue::from_str(&format!("00-{}-{}-01", ids.trace_id, ids.span_id)) {
         headers.insert("traceparent", v);
     }
-    response
 }
 
 /// Responses that already have a JSON, HTML or event-stream body keep it.

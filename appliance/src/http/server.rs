@@ -17,10 +17,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-#[derive(Clone, Debug)]
+use super::fastpath;
+
+#[derive(Clone)]
 pub struct ServeOptions {
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Path prefixes of bulk file reads served with sendfile on plain TCP (see `fastpath`).
+    pub bulk_prefixes: &'static [&'static str],
+    /// Bulk requests answered without the router on the fast path.
+    pub bulk_direct: Option<std::sync::Arc<fastpath::Direct>>,
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled and in-flight requests are done.
@@ -56,8 +62,27 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let (prefixes, header_timeout) = (options.bulk_prefixes, options.header_read_timeout);
+        let direct = options.bulk_direct.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             match tls {
+                None if !prefixes.is_empty() => {
+                    // The watcher lives as long as the task, so shutdown waits for fast-path
+                    // responses too.
+                    let options = fastpath::Options {
+                        prefixes,
+                        header_read_timeout: header_timeout,
+                        direct: direct.as_deref(),
+                    };
+                    match fastpath::serve(stream, peer, app.clone(), options, shutdown).await {
+                        fastpath::After::Closed => drop(watcher),
+                        fastpath::After::Hyper(stream) => {
+                            serve_connection(TokioIo::new(stream), peer, app, &builder, watcher)
+                                .await
+                        }
+                    }
+                }
                 None => serve_connection(TokioIo::new(stream), peer, app, &builder, watcher).await,
                 Some(acceptor) => {
                     // Handshakes run in the connection's own task, so a slow client cannot hold

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use super::AppState;
 use super::error::ApiError;
 use super::files::{Servable, serve, serve_bytes};
-use crate::ota::db;
+use crate::ota::{Ota, db};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -113,21 +113,40 @@ fn split_target_file(file: &str) -> Option<(&str, &str)> {
 }
 
 fn pack(app: &AppState, sha256: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
-    if !app.ota.is_served(sha256) {
-        return Err(not_found());
-    }
-    let servable = Servable::open(
-        &app.ota.store.pack_path(sha256),
-        sha256.to_owned(),
-        "application/octet-stream",
-        true,
-    )?;
-    Ok(serve(
+    pack_response(&app.ota, sha256, headers).ok_or_else(not_found)
+}
+
+fn pack_response(ota: &Ota, sha256: &str, headers: &HeaderMap) -> Option<Response> {
+    let (file, length) = ota.open_pack(sha256)?;
+    let servable = Servable {
+        file,
+        base: 0,
+        length,
+        etag: sha256.to_owned(),
+        content_type: "application/octet-stream",
+        immutable: true,
+    };
+    Some(serve(
         servable,
         headers,
-        app.ota.bandwidth.clone(),
-        app.ota.metrics.served("image"),
+        ota.bandwidth.clone(),
+        ota.metrics.served("image"),
     ))
+}
+
+/// The route template of [`resolve_bulk`]'s responses, as the router would name it.
+pub const BULK_ROUTE: &str = "/images/{name}";
+
+/// Range reads of a whole image by hash (`/images/<sha256>.img`), the bulk of what vehicles
+/// pull, answered without the router (see `fastpath`); `None` leaves the request to the router,
+/// which also gives every refusal.
+pub fn resolve_bulk(ota: &Ota, request: &axum::extract::Request) -> Option<Response> {
+    let name = request.uri().path().strip_prefix("/images/")?;
+    let sha256 = name.strip_suffix(".img").unwrap_or(name);
+    if request.uri().query().is_some() || !is_sha256_hex(sha256) {
+        return None;
+    }
+    pack_response(ota, sha256, request.headers())
 }
 
 async fn image_target(

@@ -10,7 +10,7 @@
 pub mod db;
 pub mod sources;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -179,6 +179,9 @@ pub struct Ota {
     live: Mutex<Option<LiveJob>>,
     /// Staged images' indexes, by image SHA-256 (for serving and garbage collection).
     indexes: Mutex<BTreeMap<String, Arc<ChunkIndex>>>,
+    /// Open image packs and their lengths: vehicles make thousands of range requests per image,
+    /// and an open, stat and close each would be a tenth of the serving cost.
+    packs: Mutex<HashMap<String, (Arc<std::fs::File>, u64)>>,
 }
 
 const BANDWIDTH_KEY: &str = "ota.bandwidth_bytes_per_second";
@@ -260,6 +263,7 @@ impl Ota {
             events,
             staging_lock: Arc::new(tokio::sync::Mutex::new(())),
             publish_lock: tokio::sync::Mutex::new(()),
+            packs: Mutex::default(),
             live: Mutex::new(None),
             indexes: Mutex::new(BTreeMap::new()),
         });
@@ -292,6 +296,11 @@ impl Ota {
     }
 
     fn unregister(&self, sha256: &str) {
+        // Close the pack before anything else: a pack staged again later is a new file.
+        self.packs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sha256);
         let mut indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(index) = indexes.remove(sha256) {
             let remaining: Vec<ChunkIndex> = indexes.values().map(|i| (**i).clone()).collect();
@@ -305,6 +314,24 @@ impl Ota {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(sha256)
+    }
+
+    /// The open pack of a served image and its length; `None` once the image is no longer
+    /// served (deleted or found damaged), which also closes it.
+    pub fn open_pack(&self, sha256: &str) -> Option<(Arc<std::fs::File>, u64)> {
+        let mut packs = self.packs.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.is_served(sha256) {
+            packs.remove(sha256);
+            return None;
+        }
+        if let Some(open) = packs.get(sha256) {
+            return Some(open.clone());
+        }
+        let file = std::fs::File::open(self.store.pack_path(sha256)).ok()?;
+        let length = file.metadata().ok()?.len();
+        let open = (Arc::new(file), length);
+        packs.insert(sha256.to_owned(), open.clone());
+        Some(open)
     }
 
     pub fn index(&self, sha256: &str) -> Option<Arc<ChunkIndex>> {
