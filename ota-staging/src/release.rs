@@ -74,7 +74,7 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReleaseError
 }
 
 /// How long each role's metadata stays valid. Root and targets are signed offline and rarely;
-/// snapshot and timestamp are re-signed online (`atlasmesh release timestamp`, later the cloud).
+/// snapshot and timestamp are re-signed online (`atlasmesh release refresh`, later the cloud).
 #[derive(Debug, Clone, Copy)]
 pub struct Expiries {
     pub root: Duration,
@@ -319,6 +319,29 @@ fn bump(v: NonZeroU64) -> NonZeroU64 {
         .expect("metadata versions do not reach u64::MAX")
 }
 
+/// An editor of `existing` whose targets, snapshot and timestamp get their next versions and
+/// fresh expiries: what every change to the repository's contents or keys re-signs.
+async fn next_versions(
+    repo: &Path,
+    existing: tough::Repository,
+    now: std::time::SystemTime,
+    expiries: Expiries,
+) -> Result<RepositoryEditor, ReleaseError> {
+    let targets_version = bump(existing.targets().signed.version);
+    let snapshot_version = bump(existing.snapshot().signed.version);
+    let timestamp_version = bump(existing.timestamp().signed.version);
+    let mut editor =
+        RepositoryEditor::from_repo(metadata_dir(repo).join("root.json"), existing).await?;
+    editor
+        .targets_version(targets_version)?
+        .targets_expires(jiff_after(now, expiries.targets))?
+        .snapshot_version(snapshot_version)
+        .snapshot_expires(jiff_after(now, expiries.snapshot))
+        .timestamp_version(timestamp_version)
+        .timestamp_expires(jiff_after(now, expiries.timestamp));
+    Ok(editor)
+}
+
 /// What `add` published.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Added {
@@ -400,17 +423,8 @@ pub async fn add(
     );
 
     let targets_version = bump(existing.targets().signed.version);
-    let snapshot_version = bump(existing.snapshot().signed.version);
-    let timestamp_version = bump(existing.timestamp().signed.version);
-    let mut editor =
-        RepositoryEditor::from_repo(metadata_dir(repo).join("root.json"), existing).await?;
+    let mut editor = next_versions(repo, existing, now, expiries).await?;
     editor
-        .targets_version(targets_version)?
-        .targets_expires(jiff_after(now, expiries.targets))?
-        .snapshot_version(snapshot_version)
-        .snapshot_expires(jiff_after(now, expiries.snapshot))
-        .timestamp_version(timestamp_version)
-        .timestamp_expires(jiff_after(now, expiries.timestamp))
         .add_target(image_name, image_tuf)?
         .add_target(TargetName::new(index_target.as_str())?, index_tuf)?;
     let signed = editor.sign(&keys.sources()).await?;
@@ -540,18 +554,7 @@ pub async fn rotate(
     // a replaced online key takes effect at once.
     let keys = Keys::load(keys_dir)?;
     let reloaded = load(repo).await?;
-    let targets_version = bump(reloaded.targets().signed.version);
-    let snapshot_version = bump(reloaded.snapshot().signed.version);
-    let timestamp_version = bump(reloaded.timestamp().signed.version);
-    let mut editor =
-        RepositoryEditor::from_repo(metadata_dir(repo).join("root.json"), reloaded).await?;
-    editor
-        .targets_version(targets_version)?
-        .targets_expires(jiff_after(now, expiries.targets))?
-        .snapshot_version(snapshot_version)
-        .snapshot_expires(jiff_after(now, expiries.snapshot))
-        .timestamp_version(timestamp_version)
-        .timestamp_expires(jiff_after(now, expiries.timestamp));
+    let editor = next_versions(repo, reloaded, now, expiries).await?;
     editor
         .sign(&keys.sources())
         .await?
