@@ -170,10 +170,12 @@ async fn run_locked(
         bulk_direct: Some(Arc::new(http::fastpath::Direct {
             resolve: {
                 let ota = app.ota.clone();
-                Box::new(move |request| http::vehicle::resolve_bulk(&ota, request))
+                Box::new(move |head| http::vehicle::resolve_bulk(&ota, head))
             },
-            route: http::vehicle::BULK_ROUTE,
-            metrics: app.core.metrics.clone(),
+            observer: http::observe::DirectObserver::new(
+                &app.core.metrics,
+                http::vehicle::BULK_ROUTE,
+            ),
         })),
     };
     serve(listener, tls, http::depot_router(app), options, shutdown).await;

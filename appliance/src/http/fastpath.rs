@@ -5,12 +5,15 @@
 //! server such as nginx, and the blocks in flight cost memory per connection. So on plain-TCP
 //! HTTP/1.x connections the server reads request heads itself:
 //!
-//! - A `GET` or `HEAD` without a body for one of the bulk prefixes (`/images/`, `/chunks/`)
-//!   still goes through the whole axum app: routing, the observe layer (request id, metrics,
-//!   logs) and the handler, which decides status and headers as for any request. When the
-//!   response carries a [`FileRegion`], the region is sent from the page cache with sendfile
-//!   instead of its body; any other response (an error, a chunk re-hashed in memory) is small
-//!   and written as it is.
+//! - A `GET` of a whole image's range, by far the commonest request, is answered by [`Direct`]
+//!   straight from the parsed head: the handler's decision (`files::plan`) and the same
+//!   observation (ids, metrics, log), without building request or response objects, and the
+//!   head written from the same header list as the router's response.
+//! - Any other `GET` or `HEAD` without a body for one of the bulk prefixes (`/images/`,
+//!   `/chunks/`) goes through the whole axum app: routing, the observe layer and the handler,
+//!   which decides status and headers as for any request. When the response carries a
+//!   [`FileRegion`], the region is sent from the page cache with sendfile instead of its body;
+//!   any other response (an error, a chunk re-hashed in memory) is small and written as it is.
 //! - Anything else (another route, a request body, HTTP/2, a head that does not parse or is too
 //!   large) hands the connection, with the bytes read so far, to hyper for the rest of its life,
 //!   so every other behaviour stays hyper's.
@@ -28,7 +31,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
-use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
@@ -36,8 +38,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::observe::observe_direct;
-use crate::metrics::CoreMetrics;
+use super::files::{Conditions, FileAnswer};
+use super::observe::{DirectObserver, RequestContext};
 
 /// A slice of an open file that a response's body stands for; the fast path sends it with
 /// sendfile and never polls the body. hyper, which does not know it, streams the body.
@@ -74,18 +76,41 @@ pub struct Options<'a> {
     pub direct: Option<&'a Direct>,
 }
 
-/// A handler called without the router: the response, or `None` to leave it to the router.
-pub type Resolve = Box<dyn Fn(&Request<Body>) -> Option<Response> + Send + Sync>;
+/// The answer to a `GET` bulk request, or `None` to leave it to the router.
+pub type Resolve = Box<dyn Fn(&BulkHead<'_>) -> Option<FileAnswer> + Send + Sync>;
 
 /// Answers the commonest bulk request without the router: a handler's work with none of the
 /// routing and middleware around it, which at thousands of range requests per image is most of
 /// the user-space cost. Observation (ids, metrics, log) is applied as the router would.
 pub struct Direct {
-    /// The response, or `None` to leave the request to the router.
+    /// The answer to a `GET`, or `None` to leave the request (and every refusal) to the router.
     pub resolve: Resolve,
-    /// The route template the router would report for these requests.
-    pub route: &'static str,
-    pub metrics: CoreMetrics,
+    pub observer: DirectObserver,
+}
+
+/// A parsed request head, borrowed from the connection's buffer.
+pub struct BulkHead<'a> {
+    /// The request target as sent: path and query, not percent-decoded.
+    pub target: &'a str,
+    headers: &'a [httparse::Header<'a>],
+}
+
+impl BulkHead<'_> {
+    /// The first value of header `name` (case-insensitive), if it is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    }
+
+    pub fn conditions(&self) -> Conditions<'_> {
+        Conditions {
+            range: self.header("range"),
+            if_range: self.header("if-range"),
+            if_none_match: self.header("if-none-match"),
+        }
+    }
 }
 
 /// Serves requests on `stream` while they are bulk reads; see the module docs.
@@ -99,7 +124,7 @@ pub async fn serve(
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let head = loop {
-            match parse_head(&buf, options.prefixes) {
+            match parse_head(&buf, &options) {
                 Parsed::Bulk(head) => break head,
                 Parsed::Partial if buf.len() < MAX_HEAD => {}
                 Parsed::Partial | Parsed::Other => return After::Hyper(Rewind::new(buf, stream)),
@@ -123,73 +148,80 @@ pub async fn serve(
             }
         };
         buf.advance(head.len);
-        let (method, version) = (head.request.method().clone(), head.request.version());
-        let mut keep_alive = head.keep_alive && !shutdown.is_cancelled();
-        let mut request = head.request;
-        let started = Instant::now();
-        let direct = options.direct.and_then(|direct| {
-            let mut response = (direct.resolve)(&request)?;
-            observe_direct(
-                &direct.metrics,
-                &request,
-                direct.route,
-                started,
-                &mut response,
-            );
-            Some(response)
-        });
-        let response = match direct {
-            Some(response) => response,
-            None => {
+        let (version, mut keep_alive) = (head.version, head.keep_alive && !shutdown.is_cancelled());
+        let mut out = Vec::with_capacity(512);
+        let (region, bodiless) = match head.work {
+            Work::Direct(answer, ids) => {
+                write_status(&mut out, version, answer.head.status);
+                answer
+                    .head
+                    .for_each(|name, parts| write_header(&mut out, name, parts));
+                write_ids(&mut out, &ids);
+                write_date(&mut out);
+                if !keep_alive {
+                    write_header(&mut out, "connection", &[b"close"]);
+                }
+                out.extend_from_slice(b"\r\n");
+                (Some(answer.region), false)
+            }
+            Work::Router(mut request) => {
+                let method = request.method().clone();
                 request.extensions_mut().insert(ConnectInfo(peer));
                 let Ok(response) = app.clone().oneshot(request).await;
-                response
-            }
-        };
-        let region = response.extensions().get::<FileRegion>().cloned();
-        let (mut parts, body) = response.into_parts();
-        keep_alive &= parts
-            .headers
-            .get(header::CONNECTION)
-            .is_none_or(|v| !v.as_bytes().eq_ignore_ascii_case(b"close"));
-        let bodiless = method == Method::HEAD
-            || parts.status == StatusCode::NOT_MODIFIED
-            || parts.status == StatusCode::NO_CONTENT;
-        let small = match (&region, bodiless) {
-            (Some(_), _) | (None, true) => Bytes::new(),
-            (None, false) => match axum::body::to_bytes(body, MAX_SMALL_BODY).await {
-                Ok(bytes) => {
+                let region = response.extensions().get::<FileRegion>().cloned();
+                let (mut parts, body) = response.into_parts();
+                keep_alive &= parts
+                    .headers
+                    .get(header::CONNECTION)
+                    .is_none_or(|v| !v.as_bytes().eq_ignore_ascii_case(b"close"));
+                let bodiless = method == Method::HEAD
+                    || parts.status == StatusCode::NOT_MODIFIED
+                    || parts.status == StatusCode::NO_CONTENT;
+                let small = match (&region, bodiless) {
+                    (Some(_), _) | (None, true) => Bytes::new(),
+                    (None, false) => match axum::body::to_bytes(body, MAX_SMALL_BODY).await {
+                        Ok(bytes) => {
+                            parts
+                                .headers
+                                .insert(header::CONTENT_LENGTH, bytes.len().into());
+                            bytes
+                        }
+                        Err(e) => {
+                            tracing::error!(%peer, error = %e, "a bulk-route response body failed");
+                            return After::Closed;
+                        }
+                    },
+                };
+                if !keep_alive {
                     parts
                         .headers
-                        .insert(header::CONTENT_LENGTH, bytes.len().into());
-                    bytes
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Err(e) => {
-                    tracing::error!(%peer, error = %e, "a bulk-route response body failed");
-                    return After::Closed;
+                write_status(&mut out, version, parts.status);
+                for (name, value) in &parts.headers {
+                    write_header(&mut out, name.as_str(), &[value.as_bytes()]);
                 }
-            },
+                if !parts.headers.contains_key(header::DATE) {
+                    write_date(&mut out);
+                }
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&small);
+                (region, bodiless)
+            }
         };
-        if !keep_alive {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        let mut out = Vec::with_capacity(512 + small.len());
-        write_head(&mut out, version, parts.status, &parts.headers);
-        out.extend_from_slice(&small);
         // With a file to follow, the socket is corked (as nginx's tcp_nopush): the head leaves
         // with the first file bytes and only full segments go out until the region is sent.
         let region = region.filter(|_| !bodiless);
         if region.is_some() {
             let _ = rustix::net::sockopt::set_tcp_cork(&stream, true);
         }
-        if let Err(e) = write_all(&stream, &out).await {
+        let mut stall = Stall::new();
+        if let Err(e) = write_all(&stream, &mut stall, &out).await {
             tracing::debug!(%peer, error = %e, "client went away");
             return After::Closed;
         }
         if let Some(region) = region {
-            if let Err(e) = send_region(&stream, &region).await {
+            if let Err(e) = send_region(&stream, &mut stall, &region).await {
                 // The length was promised in the head; a short body must end the connection.
                 tracing::debug!(%peer, error = %e, "sending a file region ended early");
                 return After::Closed;
@@ -204,9 +236,16 @@ pub async fn serve(
 }
 
 struct Head {
-    request: Request<Body>,
     len: usize,
+    version: Version,
     keep_alive: bool,
+    work: Work,
+}
+
+enum Work {
+    /// Answered by [`Direct`], already observed.
+    Direct(FileAnswer, RequestContext),
+    Router(Request<Body>),
 }
 
 enum Parsed {
@@ -218,7 +257,7 @@ enum Parsed {
     Other,
 }
 
-fn parse_head(buf: &[u8], prefixes: &[&str]) -> Parsed {
+fn parse_head(buf: &[u8], options: &Options<'_>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
@@ -226,7 +265,7 @@ fn parse_head(buf: &[u8], prefixes: &[&str]) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
-    let (Some(method), Some(path), Some(minor)) = (parsed.method, parsed.path, parsed.version)
+    let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version)
     else {
         return Parsed::Other;
     };
@@ -235,7 +274,7 @@ fn parse_head(buf: &[u8], prefixes: &[&str]) -> Parsed {
         "HEAD" => Method::HEAD,
         _ => return Parsed::Other,
     };
-    if !prefixes.iter().any(|p| path.starts_with(p)) {
+    if !options.prefixes.iter().any(|p| target.starts_with(p)) {
         return Parsed::Other;
     }
     let version = if minor == 1 {
@@ -243,48 +282,76 @@ fn parse_head(buf: &[u8], prefixes: &[&str]) -> Parsed {
     } else {
         Version::HTTP_10
     };
-    let mut builder = Request::builder().method(method).uri(path).version(version);
     let mut keep_alive = version == Version::HTTP_11;
     for h in parsed.headers.iter() {
-        let name = h.name.to_ascii_lowercase();
-        match name.as_str() {
+        let is = |name: &str| h.name.eq_ignore_ascii_case(name);
+        if (is("content-length") && h.value != b"0")
+            || is("transfer-encoding")
+            || is("upgrade")
+            || is("expect")
+        {
             // A body, an upgrade or an expectation: hyper knows what to do.
-            "content-length" if h.value != b"0" => return Parsed::Other,
-            "transfer-encoding" | "upgrade" | "expect" => return Parsed::Other,
-            "connection" => {
-                let value = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-                if value.split(',').any(|t| t.trim() == "close") {
-                    keep_alive = false;
-                } else if value.split(',').any(|t| t.trim() == "keep-alive") {
-                    keep_alive = true;
-                }
-            }
-            _ => {}
-        }
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) else {
             return Parsed::Other;
-        };
-        builder = builder.header(name, value);
+        }
+        if is("connection") {
+            let tokens = || h.value.split(|&b| b == b',').map(|t| t.trim_ascii());
+            if tokens().any(|t| t.eq_ignore_ascii_case(b"close")) {
+                keep_alive = false;
+            } else if tokens().any(|t| t.eq_ignore_ascii_case(b"keep-alive")) {
+                keep_alive = true;
+            }
+        }
     }
-    match builder.body(Body::empty()) {
-        Ok(request) => Parsed::Bulk(Box::new(Head {
-            request,
-            len,
-            keep_alive,
-        })),
-        Err(_) => Parsed::Other,
-    }
+    let head = BulkHead {
+        target,
+        headers: parsed.headers,
+    };
+    let direct = options
+        .direct
+        .filter(|_| method == Method::GET)
+        .and_then(|direct| {
+            let started = Instant::now();
+            let answer = (direct.resolve)(&head)?;
+            let ids = RequestContext::from_values(
+                head.header("traceparent"),
+                head.header("x-request-id"),
+            );
+            direct
+                .observer
+                .finish(target, answer.head.status.as_u16(), started, &ids);
+            Some(Work::Direct(answer, ids))
+        });
+    let work = match direct {
+        Some(work) => work,
+        None => {
+            let mut builder = Request::builder()
+                .method(method)
+                .uri(target)
+                .version(version);
+            for h in head.headers {
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) else {
+                    return Parsed::Other;
+                };
+                builder = builder.header(name, value);
+            }
+            match builder.body(Body::empty()) {
+                Ok(request) => Work::Router(request),
+                Err(_) => return Parsed::Other,
+            }
+        }
+    };
+    Parsed::Bulk(Box::new(Head {
+        len,
+        version,
+        keep_alive,
+        work,
+    }))
 }
 
-fn write_head(
-    out: &mut Vec<u8>,
-    version: Version,
-    status: StatusCode,
-    headers: &axum::http::HeaderMap,
-) {
+fn write_status(out: &mut Vec<u8>, version: Version, status: StatusCode) {
     out.extend_from_slice(if version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
@@ -294,50 +361,118 @@ fn write_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+}
+
+fn write_header(out: &mut Vec<u8>, name: &str, value: &[&[u8]]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    for part in value {
+        out.extend_from_slice(part);
     }
     out.extend_from_slice(b"\r\n");
 }
 
-/// Runs a non-blocking socket operation until it makes progress, giving up after a stall.
-async fn when_writable<T>(
-    stream: &TcpStream,
-    mut op: impl FnMut() -> io::Result<T>,
-) -> io::Result<T> {
-    tokio::time::timeout(WRITE_STALL, async {
-        loop {
-            stream.writable().await?;
-            match stream.try_io(Interest::WRITABLE, &mut op) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))?
+/// The ids `observe` stamps on every response.
+fn write_ids(out: &mut Vec<u8>, ids: &RequestContext) {
+    write_header(out, "x-request-id", &[ids.request_id.as_bytes()]);
+    write_header(
+        out,
+        "traceparent",
+        &[
+            b"00-",
+            ids.trace_id.as_bytes(),
+            b"-",
+            ids.span_id.as_bytes(),
+            b"-01",
+        ],
+    );
 }
 
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+/// The `Date` header, formatted once a second per thread rather than per response.
+fn write_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        write_header(out, "date", &[text.as_bytes()]);
+    });
+}
+
+/// Runs a non-blocking socket operation until it makes progress. Waits count against `stall`,
+/// one deadline for a whole response rather than a timer per wait.
+async fn when_writable<T>(
+    stream: &TcpStream,
+    stall: &mut Stall,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        match stream.try_io(Interest::WRITABLE, &mut op) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
+        stall.wait_writable(stream).await?;
+    }
+}
+
+/// A client that accepts no byte for [`WRITE_STALL`] is gone. The deadline is moved forward
+/// lazily, when it fires after progress, so a fast transfer never touches the timer again.
+struct Stall {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    progress: bool,
+}
+
+impl Stall {
+    fn new() -> Self {
+        Self {
+            deadline: Box::pin(tokio::time::sleep(WRITE_STALL)),
+            progress: false,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.progress = true;
+    }
+
+    async fn wait_writable(&mut self, stream: &TcpStream) -> io::Result<()> {
+        loop {
+            tokio::select! {
+                ready = stream.writable() => return ready,
+                () = self.deadline.as_mut() => {
+                    if !std::mem::take(&mut self.progress) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client stopped reading",
+                        ));
+                    }
+                    let next = tokio::time::Instant::now() + WRITE_STALL;
+                    self.deadline.as_mut().reset(next);
+                }
+            }
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, stall: &mut Stall, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
-        let n = when_writable(stream, || stream.try_write(bytes)).await?;
+        let n = when_writable(stream, stall, || stream.try_write(bytes)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        stall.progressed();
         bytes = &bytes[n..];
     }
     Ok(())
 }
 
-async fn send_region(stream: &TcpStream, region: &FileRegion) -> io::Result<()> {
+async fn send_region(stream: &TcpStream, stall: &mut Stall, region: &FileRegion) -> io::Result<()> {
     let capped = region.bandwidth.rate().is_some();
     let mut offset = region.start;
     while offset < region.end {
@@ -352,7 +487,7 @@ async fn send_region(stream: &TcpStream, region: &FileRegion) -> io::Result<()> 
             .await;
         while offset < block_end {
             let want = usize::try_from(block_end - offset).unwrap_or(usize::MAX);
-            let n = when_writable(stream, || {
+            let n = when_writable(stream, stall, || {
                 rustix::fs::sendfile(stream, &*region.file, Some(&mut offset), want)
                     .map_err(io::Error::from)
             })
@@ -363,6 +498,7 @@ async fn send_region(stream: &TcpStream, region: &FileRegion) -> io::Result<()> 
                     "the served file is shorter than its region",
                 ));
             }
+            stall.progressed();
             region.served.inc_by(n as u64);
         }
     }
@@ -430,32 +566,57 @@ impl AsyncWrite for Rewind {
 mod tests {
     use super::*;
 
-    const PREFIXES: &[&str] = &["/images/", "/chunks/"];
+    const OPTIONS: Options<'static> = Options {
+        prefixes: &["/images/", "/chunks/"],
+        header_read_timeout: Duration::from_secs(1),
+        direct: None,
+    };
 
-    fn bulk(raw: &[u8]) -> Head {
-        match parse_head(raw, PREFIXES) {
-            Parsed::Bulk(head) => *head,
+    fn bulk(raw: &[u8]) -> (Head, Request<Body>) {
+        match parse_head(raw, &OPTIONS) {
+            Parsed::Bulk(head) => {
+                let head = *head;
+                match head.work {
+                    Work::Router(request) => (
+                        Head {
+                            work: Work::Router(Request::new(Body::empty())),
+                            ..head
+                        },
+                        request,
+                    ),
+                    Work::Direct(..) => panic!("no direct handler was given"),
+                }
+            }
             Parsed::Partial => panic!("partial: {}", String::from_utf8_lossy(raw)),
             Parsed::Other => panic!("other: {}", String::from_utf8_lossy(raw)),
         }
     }
 
     fn is_other(raw: &[u8]) -> bool {
-        matches!(parse_head(raw, PREFIXES), Parsed::Other)
+        matches!(parse_head(raw, &OPTIONS), Parsed::Other)
     }
 
     #[test]
     fn bulk_reads_are_taken_and_everything_else_left_to_hyper() {
         let raw = b"GET /images/a.img HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\nGET /next";
-        let head = bulk(raw);
+        let (head, request) = bulk(raw);
         assert_eq!(head.len, raw.len() - "GET /next".len());
         assert!(head.keep_alive);
-        assert_eq!(head.request.headers()["range"], "bytes=0-9");
-        assert!(!bulk(b"HEAD /chunks/ab HTTP/1.0\r\n\r\n").keep_alive);
-        assert!(bulk(b"GET /chunks/ab HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
-        assert!(!bulk(b"GET /images/a HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert_eq!(request.headers()["range"], "bytes=0-9");
+        assert_eq!(request.uri().path(), "/images/a.img");
+        assert!(!bulk(b"HEAD /chunks/ab HTTP/1.0\r\n\r\n").0.keep_alive);
+        assert!(
+            bulk(b"GET /chunks/ab HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                .0
+                .keep_alive
+        );
+        assert!(
+            !bulk(b"GET /images/a HTTP/1.1\r\nConnection: Close\r\n\r\n")
+                .0
+                .keep_alive
+        );
         assert!(matches!(
-            parse_head(b"GET /images/a HTTP/1.1\r\nHost:", PREFIXES),
+            parse_head(b"GET /images/a HTTP/1.1\r\nHost:", &OPTIONS),
             Parsed::Partial
         ));
         assert!(is_other(b"GET /api/v1/status HTTP/1.1\r\n\r\n"));
@@ -472,19 +633,16 @@ mod tests {
 
     #[test]
     fn heads_are_written_as_http_1_1() {
-        let mut headers = axum::http::HeaderMap::new();
-        headers.insert(header::CONTENT_LENGTH, 10.into());
-        headers.insert(header::DATE, HeaderValue::from_static("then"));
         let mut out = Vec::new();
-        write_head(
-            &mut out,
-            Version::HTTP_11,
-            StatusCode::PARTIAL_CONTENT,
-            &headers,
-        );
+        write_status(&mut out, Version::HTTP_11, StatusCode::PARTIAL_CONTENT);
+        write_header(&mut out, "content-length", &[b"10"]);
+        write_date(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let (start, date) = text.split_once("date: ").unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "HTTP/1.1 206 Partial Content\r\ncontent-length: 10\r\ndate: then\r\n\r\n"
+            start,
+            "HTTP/1.1 206 Partial Content\r\ncontent-length: 10\r\n"
         );
+        assert!(httpdate::parse_http_date(date.trim_end()).is_ok(), "{date}");
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use atlasmesh_ota_staging::bandwidth::Bandwidth;
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
@@ -35,62 +35,202 @@ pub struct Servable {
     pub immutable: bool,
 }
 
-/// The byte range a request asks for, if it asks for one this server will honour.
-#[derive(Debug, PartialEq, Eq)]
-enum Wanted {
-    All,
-    Range(u64, u64), // inclusive
-    Unsatisfiable,
+/// The conditional and range headers of a request, however it was parsed.
+#[derive(Default)]
+pub struct Conditions<'a> {
+    pub range: Option<&'a str>,
+    pub if_range: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
 }
 
-fn wanted(headers: &HeaderMap, length: u64, etag: &str) -> Wanted {
-    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
-        return Wanted::All;
+impl<'a> Conditions<'a> {
+    pub fn from_headers(headers: &'a HeaderMap) -> Self {
+        let get = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        Self {
+            range: get(header::RANGE),
+            if_range: get(header::IF_RANGE),
+            if_none_match: get(header::IF_NONE_MATCH),
+        }
+    }
+}
+
+/// What a file request gets, decided from its conditional and range headers alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    NotModified,
+    Unsatisfiable,
+    /// Bytes `start..end` of the object: 200 for all of it, 206 for a range.
+    Send {
+        status: StatusCode,
+        start: u64,
+        end: u64,
+    },
+}
+
+fn is_etag(value: &str, etag: &str) -> bool {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .is_some_and(|v| v == etag)
+}
+
+/// Decides the answer to a request for an object of `length` bytes with strong ETag `etag`
+/// (unquoted), as RFC 9110 allows: one range at most, malformed or multiple ranges get all.
+pub fn plan(length: u64, etag: &str, conditions: &Conditions) -> Plan {
+    if conditions.if_none_match.is_some_and(|v| {
+        v.split(',')
+            .any(|t| t.trim() == "*" || is_etag(t.trim(), etag))
+    }) {
+        return Plan::NotModified;
+    }
+    let all = Plan::Send {
+        status: StatusCode::OK,
+        start: 0,
+        end: length,
+    };
+    let Some(range) = conditions.range else {
+        return all;
     };
     // If-Range: the range applies only to the representation the client already has.
-    if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok())
-        && if_range.trim() != format!("\"{etag}\"")
+    if conditions
+        .if_range
+        .is_some_and(|v| !is_etag(v.trim(), etag))
     {
-        return Wanted::All;
+        return all;
     }
     let Some(spec) = range.trim().strip_prefix("bytes=") else {
-        return Wanted::All;
+        return all;
     };
     // Several ranges would need multipart responses; a full answer is allowed instead.
     if spec.contains(',') {
-        return Wanted::All;
+        return all;
     }
     let Some((start, end)) = spec.trim().split_once('-') else {
-        return Wanted::All;
+        return all;
     };
     let (start, end) = (start.trim(), end.trim());
+    let last = length.saturating_sub(1);
+    // None: malformed, ignored; Some(None): unsatisfiable.
     let parsed = match (start.is_empty(), end.is_empty()) {
         // bytes=-N: the last N bytes
-        (true, false) => end.parse::<u64>().ok().map(|n| {
-            if n == 0 {
-                None
-            } else {
-                Some((length.saturating_sub(n), length.saturating_sub(1)))
-            }
-        }),
-        (false, true) => start
+        (true, false) => end
             .parse::<u64>()
             .ok()
-            .map(|s| Some((s, length.saturating_sub(1)))),
+            .map(|n| (n > 0).then(|| (length.saturating_sub(n), last))),
+        (false, true) => start.parse::<u64>().ok().map(|s| Some((s, last))),
         (false, false) => match (start.parse::<u64>(), end.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => Some(Some((s, e.min(length.saturating_sub(1))))),
+            (Ok(s), Ok(e)) if s <= e => Some(Some((s, e.min(last)))),
             _ => None,
         },
         (true, true) => None,
     };
     match parsed {
-        None => Wanted::All, // malformed: ignore, as RFC 9110 allows
-        Some(None) => Wanted::Unsatisfiable,
-        Some(Some((s, e))) if s >= length || length == 0 => {
-            let _ = e;
-            Wanted::Unsatisfiable
+        None => all,
+        Some(Some((s, e))) if s < length => Plan::Send {
+            status: StatusCode::PARTIAL_CONTENT,
+            start: s,
+            end: e + 1,
+        },
+        Some(_) => Plan::Unsatisfiable,
+    }
+}
+
+/// The head of a file response that sends bytes: the one list of headers from which both the
+/// router's responses and the fast path's raw heads are written.
+pub struct FileHead {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    /// Strong ETag value, without quotes.
+    pub etag: String,
+    pub immutable: bool,
+    /// The bytes sent, `start..end`, of an object of `total` bytes.
+    pub start: u64,
+    pub end: u64,
+    pub total: u64,
+}
+
+impl FileHead {
+    /// Calls `header` with each header's lower-case name and its value in parts, in order.
+    pub fn for_each(&self, mut header: impl FnMut(&'static str, &[&[u8]])) {
+        let (mut length, mut first, mut last, mut total) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
+        header("content-type", &[self.content_type.as_bytes()]);
+        header(
+            "content-length",
+            &[length.format(self.end - self.start).as_bytes()],
+        );
+        header("accept-ranges", &[b"bytes"]);
+        header("etag", &[b"\"", self.etag.as_bytes(), b"\""]);
+        header("cache-control", &[cache_control(self.immutable).as_bytes()]);
+        if self.status == StatusCode::PARTIAL_CONTENT {
+            header(
+                "content-range",
+                &[
+                    b"bytes ",
+                    first.format(self.start).as_bytes(),
+                    b"-",
+                    last.format(self.end.saturating_sub(1)).as_bytes(),
+                    b"/",
+                    total.format(self.total).as_bytes(),
+                ],
+            );
         }
-        Some(Some((s, e))) => Wanted::Range(s, e),
+    }
+}
+
+fn cache_control(immutable: bool) -> &'static str {
+    if immutable {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    }
+}
+
+/// A response that sends bytes of a file: its head, and the region of the file that is its
+/// body.
+pub struct FileAnswer {
+    pub head: FileHead,
+    pub region: FileRegion,
+}
+
+impl Servable {
+    /// The answer when the request asks for bytes; `Err` with the plan otherwise.
+    pub fn answer(
+        self,
+        conditions: &Conditions,
+        bandwidth: Bandwidth,
+        served: Counter,
+    ) -> Result<FileAnswer, Plan> {
+        let (status, start, end) = match plan(self.length, &self.etag, conditions) {
+            Plan::Send { status, start, end } => (status, start, end),
+            other => return Err(other),
+        };
+        Ok(FileAnswer {
+            region: FileRegion {
+                file: self.file,
+                start: self.base + start,
+                end: self.base + end,
+                bandwidth,
+                served,
+            },
+            head: FileHead {
+                status,
+                content_type: self.content_type,
+                etag: self.etag,
+                immutable: self.immutable,
+                start,
+                end,
+                total: self.length,
+            },
+        })
     }
 }
 
@@ -101,74 +241,42 @@ pub fn serve(
     bandwidth: Bandwidth,
     served: Counter,
 ) -> Response {
-    let etag = format!("\"{}\"", servable.etag);
-    let cache = if servable.immutable {
-        "public, max-age=31536000, immutable"
-    } else {
-        "no-cache"
-    };
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    {
-        return (
+    let (length, etag, immutable) = (servable.length, servable.etag.clone(), servable.immutable);
+    match servable.answer(&Conditions::from_headers(headers), bandwidth, served) {
+        Ok(FileAnswer { head, region }) => {
+            let mut response = Response::new(stream(region.clone()));
+            *response.status_mut() = head.status;
+            let headers = response.headers_mut();
+            head.for_each(|name, parts| {
+                if let Ok(value) = HeaderValue::from_bytes(&parts.concat()) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            });
+            // The fast path sends the region with sendfile; hyper streams the body.
+            response.extensions_mut().insert(region);
+            response
+        }
+        Err(Plan::NotModified) => (
             StatusCode::NOT_MODIFIED,
             [
-                (header::ETAG, etag.as_str()),
-                (header::CACHE_CONTROL, cache),
+                (header::ETAG, format!("\"{etag}\"")),
+                (header::CACHE_CONTROL, cache_control(immutable).to_owned()),
             ],
         )
-            .into_response();
-    }
-    let (status, start, end) = match wanted(headers, servable.length, &servable.etag) {
-        Wanted::All => (StatusCode::OK, 0, servable.length),
-        Wanted::Range(s, e) => (StatusCode::PARTIAL_CONTENT, s, e + 1),
-        Wanted::Unsatisfiable => {
+            .into_response(),
+        Err(_) => {
             let mut response = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "range_not_satisfiable",
                 "the requested range is outside the file",
             )
             .into_response();
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{}", servable.length)) {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{length}")) {
                 response.headers_mut().insert(header::CONTENT_RANGE, v);
             }
-            return response;
+            response
         }
-    };
-    let region = FileRegion {
-        file: servable.file.clone(),
-        start: servable.base + start,
-        end: servable.base + end,
-        bandwidth: bandwidth.clone(),
-        served: served.clone(),
-    };
-    let body = stream(
-        servable.file.clone(),
-        servable.base + start,
-        servable.base + end,
-        bandwidth,
-        served,
-    );
-    let mut response = Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, servable.content_type)
-        .header(header::CONTENT_LENGTH, end - start)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::ETAG, &etag)
-        .header(header::CACHE_CONTROL, cache);
-    if status == StatusCode::PARTIAL_CONTENT {
-        response = response.header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{}", end - 1, servable.length),
-        );
     }
-    // The fast path sends the region with sendfile; hyper streams the body.
-    response
-        .extension(region)
-        .body(body)
-        .unwrap_or_else(|e| ApiError::internal(e).into_response())
 }
 
 /// Bytes that are already in memory (a verified chunk) as a response with the same headers.
@@ -202,7 +310,14 @@ pub fn serve_bytes(bytes: Bytes, etag: &str, headers: &HeaderMap, served: Counte
         .into_response()
 }
 
-fn stream(file: Arc<File>, start: u64, end: u64, bandwidth: Bandwidth, served: Counter) -> Body {
+fn stream(region: FileRegion) -> Body {
+    let FileRegion {
+        file,
+        start,
+        end,
+        bandwidth,
+        served,
+    } = region;
     let blocks = futures_util::stream::unfold((file, start), move |(file, pos)| {
         let (bandwidth, served) = (bandwidth.clone(), served.clone());
         async move {
@@ -240,63 +355,81 @@ fn stream(file: Arc<File>, start: u64, end: u64, bandwidth: Bandwidth, served: C
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (k, v) in pairs {
-            m.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
-        m
+    fn plan_for(range: &str, if_range: Option<&str>) -> Plan {
+        let conditions = Conditions {
+            range: (!range.is_empty()).then_some(range),
+            if_range,
+            if_none_match: None,
+        };
+        plan(100, "abc", &conditions)
+    }
+
+    fn send(status: StatusCode, start: u64, end: u64) -> Plan {
+        Plan::Send { status, start, end }
     }
 
     #[test]
     fn ranges_are_read_as_rfc_9110_says() {
-        let tag = "abc";
-        assert_eq!(wanted(&h(&[]), 100, tag), Wanted::All);
+        let all = send(StatusCode::OK, 0, 100);
+        let part = |s, e| send(StatusCode::PARTIAL_CONTENT, s, e);
+        assert_eq!(plan_for("", None), all);
+        assert_eq!(plan_for("bytes=0-9", None), part(0, 10));
+        assert_eq!(plan_for("bytes=90-", None), part(90, 100));
+        assert_eq!(plan_for("bytes=-10", None), part(90, 100));
+        assert_eq!(plan_for("bytes=50-500", None), part(50, 100));
+        assert_eq!(plan_for("bytes=100-", None), Plan::Unsatisfiable);
+        assert_eq!(plan_for("bytes=-0", None), Plan::Unsatisfiable);
+        assert_eq!(plan_for("bytes=0-1,5-6", None), all);
+        assert_eq!(plan_for("items=0-1", None), all);
+        assert_eq!(plan_for("bytes=9-1", None), all);
+        assert_eq!(plan_for("bytes=0-9", Some("\"abc\"")), part(0, 10));
+        assert_eq!(plan_for("bytes=0-9", Some("\"old\"")), all);
+    }
+
+    #[test]
+    fn a_matching_if_none_match_is_not_modified() {
+        for tags in ["\"abc\"", "\"x\", \"abc\"", "*"] {
+            let conditions = Conditions {
+                if_none_match: Some(tags),
+                ..Conditions::default()
+            };
+            assert_eq!(plan(100, "abc", &conditions), Plan::NotModified, "{tags}");
+        }
+        let conditions = Conditions {
+            if_none_match: Some("\"abd\""),
+            ..Conditions::default()
+        };
+        assert_eq!(plan(0, "abc", &conditions), send(StatusCode::OK, 0, 0));
+    }
+
+    #[test]
+    fn heads_name_the_range_they_send() {
+        let head = FileHead {
+            status: StatusCode::PARTIAL_CONTENT,
+            content_type: "application/octet-stream",
+            etag: "abc".into(),
+            immutable: true,
+            start: 10,
+            end: 20,
+            total: 100,
+        };
+        let mut lines = Vec::new();
+        head.for_each(|name, parts| {
+            lines.push(format!(
+                "{name}: {}",
+                String::from_utf8(parts.concat()).unwrap()
+            ))
+        });
         assert_eq!(
-            wanted(&h(&[("range", "bytes=0-9")]), 100, tag),
-            Wanted::Range(0, 9)
-        );
-        assert_eq!(
-            wanted(&h(&[("range", "bytes=90-")]), 100, tag),
-            Wanted::Range(90, 99)
-        );
-        assert_eq!(
-            wanted(&h(&[("range", "bytes=-10")]), 100, tag),
-            Wanted::Range(90, 99)
-        );
-        assert_eq!(
-            wanted(&h(&[("range", "bytes=50-500")]), 100, tag),
-            Wanted::Range(50, 99)
-        );
-        assert_eq!(
-            wanted(&h(&[("range", "bytes=100-")]), 100, tag),
-            Wanted::Unsatisfiable
-        );
-        assert_eq!(
-            wanted(&h(&[("range", "bytes=-0")]), 100, tag),
-            Wanted::Unsatisfiable
-        );
-        assert_eq!(
-            wanted(&h(&[("range", "bytes=0-1,5-6")]), 100, tag),
-            Wanted::All
-        );
-        assert_eq!(wanted(&h(&[("range", "items=0-1")]), 100, tag), Wanted::All);
-        assert_eq!(wanted(&h(&[("range", "bytes=9-1")]), 100, tag), Wanted::All);
-        assert_eq!(
-            wanted(
-                &h(&[("range", "bytes=0-9"), ("if-range", "\"abc\"")]),
-                100,
-                tag
-            ),
-            Wanted::Range(0, 9)
-        );
-        assert_eq!(
-            wanted(
-                &h(&[("range", "bytes=0-9"), ("if-range", "\"old\"")]),
-                100,
-                tag
-            ),
-            Wanted::All
+            lines,
+            [
+                "content-type: application/octet-stream",
+                "content-length: 10",
+                "accept-ranges: bytes",
+                "etag: \"abc\"",
+                "cache-control: public, max-age=31536000, immutable",
+                "content-range: bytes 10-19/100",
+            ]
         );
     }
 }

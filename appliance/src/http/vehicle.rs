@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::error::ApiError;
-use super::files::{Servable, serve, serve_bytes};
+use super::fastpath::BulkHead;
+use super::files::{FileAnswer, Servable, serve, serve_bytes};
 use crate::ota::{Ota, db};
 
 pub fn router() -> Router<AppState> {
@@ -116,18 +117,21 @@ fn pack(app: &AppState, sha256: &str, headers: &HeaderMap) -> Result<Response, A
     pack_response(&app.ota, sha256, headers).ok_or_else(not_found)
 }
 
-fn pack_response(ota: &Ota, sha256: &str, headers: &HeaderMap) -> Option<Response> {
+fn pack_servable(ota: &Ota, sha256: &str) -> Option<Servable> {
     let (file, length) = ota.open_pack(sha256)?;
-    let servable = Servable {
+    Some(Servable {
         file,
         base: 0,
         length,
         etag: sha256.to_owned(),
         content_type: "application/octet-stream",
         immutable: true,
-    };
+    })
+}
+
+fn pack_response(ota: &Ota, sha256: &str, headers: &HeaderMap) -> Option<Response> {
     Some(serve(
-        servable,
+        pack_servable(ota, sha256)?,
         headers,
         ota.bandwidth.clone(),
         ota.metrics.served("image"),
@@ -139,14 +143,20 @@ pub const BULK_ROUTE: &str = "/images/{name}";
 
 /// Range reads of a whole image by hash (`/images/<sha256>.img`), the bulk of what vehicles
 /// pull, answered without the router (see `fastpath`); `None` leaves the request to the router,
-/// which also gives every refusal.
-pub fn resolve_bulk(ota: &Ota, request: &axum::extract::Request) -> Option<Response> {
-    let name = request.uri().path().strip_prefix("/images/")?;
+/// which also gives every refusal and every answer without bytes (304, 416).
+pub fn resolve_bulk(ota: &Ota, head: &BulkHead<'_>) -> Option<FileAnswer> {
+    let name = head.target.strip_prefix("/images/")?;
     let sha256 = name.strip_suffix(".img").unwrap_or(name);
-    if request.uri().query().is_some() || !is_sha256_hex(sha256) {
+    if !is_sha256_hex(sha256) {
         return None;
     }
-    pack_response(ota, sha256, request.headers())
+    pack_servable(ota, sha256)?
+        .answer(
+            &head.conditions(),
+            ota.bandwidth.clone(),
+            ota.metrics.served("image"),
+        )
+        .ok()
 }
 
 async fn image_target(

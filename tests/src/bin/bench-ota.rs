@@ -118,8 +118,8 @@ fn add_release(fleet: &Fleet, image: &Path, version: &str) -> Result<Value> {
     ])
 }
 
-const ROUNDS: u32 = 3;
-const SECONDS: u32 = 12;
+const ROUNDS: u32 = 4;
+const SECONDS: u32 = 10;
 
 /// User plus system CPU time of processes, in seconds.
 fn cpu_seconds(pids: &[u32]) -> f64 {
@@ -279,8 +279,10 @@ fn serve() -> Result<()> {
     let nginx = Nginx::start(&images, dir.path())?;
     let depot_url = depot.url(&format!("/images/{sha}.img"));
     let nginx_url = format!("http://127.0.0.1:{}/{sha}.img", nginx.port);
-    // Warm the page cache once, so both read the file from memory.
+    // Warm the page cache, so both read the file from memory, and each server (connections,
+    // worker threads, allocator) before its first measured round.
     wrk(&nginx_url, size as u64, 3, dir.path())?;
+    wrk(&depot_url, size as u64, 3, dir.path())?;
     let mut depot_rates = Vec::new();
     let mut nginx_rates = Vec::new();
     // Server CPU seconds, to report CPU per GiB sent: with client and server on two cores the
