@@ -192,6 +192,10 @@ pub struct StageArgs {
     /// Version of the image to stage (required with --url and --dir).
     #[arg(long)]
     pub version: Option<String>,
+    /// Only mirror the repository's current metadata (with --url or --dir): keeps the
+    /// timestamp vehicles check fresh after `release refresh`, staging no image.
+    #[arg(long, conflicts_with_all = ["bundle", "hardware", "version"])]
+    pub metadata_only: bool,
 }
 
 #[derive(Debug, Subcommand)]

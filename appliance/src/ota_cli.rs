@@ -215,6 +215,20 @@ pub async fn stage(args: StageArgs) -> anyhow::Result<()> {
             .await
             .context("uploading the bundle")?;
         (response.status(), response.json().await.unwrap_or_default())
+    } else if args.metadata_only {
+        let request = match (&args.url, &args.dir) {
+            (Some(url), None) => json!({"url": url}),
+            (None, Some(dir)) => json!({"path": fs::canonicalize(dir).unwrap_or(dir.clone())}),
+            _ => bail!("--metadata-only needs one of --url and --dir"),
+        };
+        let response = client
+            .post(api("/api/v1/ota/metadata"))
+            .bearer_auth(&args.token)
+            .json(&request)
+            .send()
+            .await
+            .context("asking the depot to refresh its metadata")?;
+        (response.status(), response.json().await.unwrap_or_default())
     } else {
         let (Some(hardware), Some(version)) = (&args.hardware, &args.version) else {
             bail!("--hardware and --version are required with --url and --dir");
@@ -268,7 +282,7 @@ pub async fn stage(args: StageArgs) -> anyhow::Result<()> {
     print(body.clone());
     if !status.is_success() {
         bail!(
-            "staging refused ({status}): {}",
+            "the depot refused ({status}): {}",
             body["error"]["message"].as_str().unwrap_or("see above")
         );
     }

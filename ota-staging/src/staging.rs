@@ -219,26 +219,37 @@ struct Recording {
 #[async_trait]
 impl Transport for Recording {
     async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
-        let mut stream = self.inner.fetch(url.clone()).await?;
-        let mut body = Vec::new();
-        while let Some(piece) = stream.next().await {
-            body.extend_from_slice(&piece?);
-            if body.len() as u64 > trust::MAX_FETCH_BYTES {
-                return Err(TransportError::new(tough::TransportErrorKind::Other, url));
-            }
-        }
-        let bytes = Bytes::from(body);
-        if let Some(name) = url.as_str().strip_prefix(&self.metadata_base)
-            && is_metadata_name(name)
-        {
-            self.seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((name.to_owned(), bytes.clone()));
-        }
-        Ok(Box::pin(futures_util::stream::once(
-            async move { Ok(bytes) },
-        )))
+        let stream = self.inner.fetch(url.clone()).await?;
+        let Some(name) = url
+            .as_str()
+            .strip_prefix(&self.metadata_base)
+            .filter(|name| is_metadata_name(name))
+        else {
+            return Ok(stream);
+        };
+        // Recorded only when tough has read it to the end; an error or a limit drops it.
+        let sink = Some((name.to_owned(), self.seen.clone()));
+        let recorded = futures_util::stream::unfold(
+            (stream, Vec::new(), sink),
+            |(mut stream, mut body, mut sink)| async move {
+                match stream.next().await {
+                    Some(Ok(piece)) => {
+                        body.extend_from_slice(&piece);
+                        Some((Ok(piece), (stream, body, sink)))
+                    }
+                    Some(Err(e)) => Some((Err(e), (stream, body, None))),
+                    None => {
+                        if let Some((name, seen)) = sink.take() {
+                            seen.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((name, Bytes::from(std::mem::take(&mut body))));
+                        }
+                        None
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(recorded))
     }
 }
 
@@ -321,27 +332,11 @@ pub async fn verify(
     policy: &Policy,
     store_root: &Path,
 ) -> Result<VerifiedRelease, StagingError> {
-    let root = mirror.fleet_root().ok_or(StagingError::NoFleetRoot)?;
-    let metadata = location.metadata.clone();
-    let targets = location.targets.clone();
-    let recording = Recording {
-        inner: transport,
-        metadata_base: metadata.as_str().to_owned(),
-        seen: Arc::default(),
-    };
-    let repo = trust::load(
-        &root,
-        metadata.clone(),
-        targets,
-        &mirror.datastore(),
-        recording.clone(),
-        ExpirationEnforcement::Safe,
-    )
-    .await?;
-    let image = find_image(&repo, wanted.hardware, wanted.version)?;
+    let loaded = load_recorded(mirror, location, transport).await?;
+    let image = find_image(&loaded.repo, wanted.hardware, wanted.version)?;
     check_policy(&image, policy, store_root)?;
 
-    let index_bytes = trust::read_small_target(&repo, &image.index_target).await?;
+    let index_bytes = trust::read_small_target(&loaded.repo, &image.index_target).await?;
     let index =
         ChunkIndex::from_json(&index_bytes).map_err(|e| StagingError::Index(e.to_string()))?;
     if index.sha256 != image.sha256 || index.length != image.length {
@@ -349,12 +344,60 @@ pub async fn verify(
             "the signed index describes another image".into(),
         ));
     }
+    Ok(VerifiedRelease {
+        image,
+        index,
+        index_bytes,
+        certifier: loaded.metadata.certifier,
+        metadata_files: loaded.metadata.files,
+    })
+}
+
+/// A repository's metadata, verified from the pinned fleet root, without any image: what a
+/// metadata-only refresh mirrors.
+#[derive(Debug)]
+pub struct VerifiedMetadata {
+    pub timestamp_version: u64,
+    pub timestamp_expires: SystemTime,
+    pub targets_version: u64,
+    certifier: Option<Vec<u8>>,
+    /// The exact bytes fetched (and the pinned root), to mirror.
+    files: Vec<(String, Bytes)>,
+}
+
+struct Loaded {
+    repo: Repository,
+    metadata: VerifiedMetadata,
+}
+
+/// Loads and verifies the repository at `location` from the pinned root (rollback-checked
+/// against the mirror's datastore), keeping the bytes of every metadata file fetched.
+async fn load_recorded(
+    mirror: &Mirror,
+    location: &Location,
+    transport: HttpTransport,
+) -> Result<Loaded, StagingError> {
+    let root = mirror.fleet_root().ok_or(StagingError::NoFleetRoot)?;
+    let recording = Recording {
+        inner: transport,
+        metadata_base: location.metadata.as_str().to_owned(),
+        seen: Arc::default(),
+    };
+    let repo = trust::load(
+        &root,
+        location.metadata.clone(),
+        location.targets.clone(),
+        &mirror.datastore(),
+        recording.clone(),
+        ExpirationEnforcement::Safe,
+    )
+    .await?;
     let certifier = match trust::read_small_target(&repo, CERTIFIER_TARGET).await {
         Ok(bytes) => Some(bytes),
         Err(TrustError::UnknownTarget(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let mut metadata_files = recording
+    let mut files = recording
         .seen
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -362,17 +405,49 @@ pub async fn verify(
     // The pinned root starts the chain and was not fetched; mirror it under its version.
     let pinned: tough::schema::Signed<tough::schema::Root> = serde_json::from_slice(&root)
         .map_err(|e| TrustError::Other(format!("pinned fleet root: {e}")))?;
-    metadata_files.push((
+    files.push((
         format!("{}.root.json", pinned.signed.version),
         Bytes::from(root),
     ));
-    Ok(VerifiedRelease {
-        image,
-        index,
-        index_bytes,
+    let timestamp = &repo.timestamp().signed;
+    let metadata = VerifiedMetadata {
+        timestamp_version: timestamp.version.get(),
+        timestamp_expires: SystemTime::from(timestamp.expires),
+        targets_version: repo.targets().signed.version.get(),
         certifier,
-        metadata_files,
-    })
+        files,
+    };
+    Ok(Loaded { repo, metadata })
+}
+
+/// Verifies the repository's current metadata for a metadata-only refresh: release
+/// engineering re-signed the timestamp (and perhaps more) and the depot must mirror it before
+/// the copy vehicles check expires, without staging any image.
+pub async fn verify_metadata(
+    mirror: &Mirror,
+    location: &Location,
+    transport: HttpTransport,
+) -> Result<VerifiedMetadata, StagingError> {
+    Ok(load_recorded(mirror, location, transport).await?.metadata)
+}
+
+/// Mirrors verified metadata (and the certifier key it names), the timestamp last.
+pub fn publish_metadata(mirror: &Mirror, metadata: &VerifiedMetadata) -> Result<(), StagingError> {
+    write_mirror(mirror, metadata.certifier.as_deref(), &metadata.files)
+}
+
+fn write_mirror(
+    mirror: &Mirror,
+    certifier: Option<&[u8]>,
+    files: &[(String, Bytes)],
+) -> Result<(), StagingError> {
+    if let Some(certifier) = certifier {
+        write_atomic(&mirror.certifier_path(), certifier)
+            .map_err(StagingError::io("mirroring the certifier key"))?;
+    }
+    mirror
+        .update(files)
+        .map_err(StagingError::io("mirroring the release metadata"))
 }
 
 fn find_image(
@@ -537,13 +612,11 @@ pub fn publish(
     store
         .publish(staging_file, &release.index, &release.index_bytes)
         .map_err(StagingError::io("publishing the image"))?;
-    if let Some(certifier) = &release.certifier {
-        write_atomic(&mirror.certifier_path(), certifier)
-            .map_err(StagingError::io("mirroring the certifier key"))?;
-    }
-    mirror
-        .update(&release.metadata_files)
-        .map_err(StagingError::io("mirroring the release metadata"))?;
+    write_mirror(
+        mirror,
+        release.certifier.as_deref(),
+        &release.metadata_files,
+    )?;
     store.register(&release.index);
     Ok(())
 }

@@ -7,7 +7,6 @@
 
 use std::path::Path;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use tough::{
     ExpirationEnforcement, IntoVec, Limits, Repository, RepositoryLoader, TargetName, Transport,
@@ -76,6 +75,7 @@ impl From<tough::error::Error> for TrustError {
             E::Transport { ref source, .. } => match cause_in(source) {
                 Some(E::HashMismatch { .. }) => TrustError::Mismatch(text),
                 Some(E::MaxSizeExceeded { .. }) => TrustError::TooLarge(text),
+                _ if is_endless(source) => TrustError::TooLarge(text),
                 _ => TrustError::Fetch(text),
             },
             _ => TrustError::Other(text),
@@ -93,6 +93,17 @@ fn cause_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a toug
         current = e.source();
     }
     None
+}
+
+fn is_endless(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<Endless>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// The largest metadata or small target fetched in one piece (endless-data defence; tough also
@@ -139,27 +150,32 @@ impl Transport for HttpTransport {
                 format!("HTTP {status}"),
             ));
         }
-        let mut body = Vec::new();
-        let mut stream = response.bytes_stream();
-        while let Some(piece) = stream.next().await {
+        // Streamed, so tough's per-role limits stop an endless response early; our own cap
+        // bounds everything else tough reads in one piece.
+        let url = url.to_string();
+        let mut total = 0u64;
+        let stream = response.bytes_stream().map(move |piece| {
             let piece = piece.map_err(|e| {
                 TransportError::new_with_cause(TransportErrorKind::Other, url.as_str(), e)
             })?;
-            if (body.len() + piece.len()) as u64 > MAX_FETCH_BYTES {
+            total += piece.len() as u64;
+            if total > MAX_FETCH_BYTES {
                 return Err(TransportError::new_with_cause(
                     TransportErrorKind::Other,
                     url.as_str(),
-                    format!("response exceeds {MAX_FETCH_BYTES} bytes"),
+                    Endless,
                 ));
             }
-            body.extend_from_slice(&piece);
-        }
-        let bytes = Bytes::from(body);
-        Ok(Box::pin(futures_util::stream::once(
-            async move { Ok(bytes) },
-        )))
+            Ok(piece)
+        });
+        Ok(Box::pin(stream))
     }
 }
+
+/// A response longer than [`MAX_FETCH_BYTES`].
+#[derive(Debug, thiserror::Error)]
+#[error("the response exceeds {MAX_FETCH_BYTES} bytes")]
+pub struct Endless;
 
 /// Loads and verifies a repository from `root` (the trusted root bytes) and base URLs.
 /// `datastore` keeps the newest versions seen, so a later load refuses older metadata.

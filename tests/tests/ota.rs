@@ -665,13 +665,25 @@ fn bandwidth_cap_is_applied_persisted_and_audited() {
     assert_eq!(response.status(), 422);
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Tamper {
+    /// Flip one byte in the body of the first response (longer than 100 bytes).
+    Flip,
+    /// Answer with a body that never ends (chunked encoding, until the client hangs up).
+    Endless,
+}
+
 /// A TCP proxy that makes every request its own connection (`Connection: close`) and, once,
-/// flips one byte in the body of the first response to a request whose path contains `path`.
-fn flipping_proxy(upstream: std::net::SocketAddr, path: &'static str) -> (u16, Arc<AtomicBool>) {
+/// tampers with the response to the first request whose path contains `path`.
+fn tampering_proxy(
+    upstream: std::net::SocketAddr,
+    path: &'static str,
+    tamper: Tamper,
+) -> (u16, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let flipped = Arc::new(AtomicBool::new(false));
-    let flag = flipped.clone();
+    let tampered = Arc::new(AtomicBool::new(false));
+    let flag = tampered.clone();
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { break };
@@ -693,12 +705,30 @@ fn flipping_proxy(upstream: std::net::SocketAddr, path: &'static str) -> (u16, A
                     .collect();
                 lines.push("Connection: close");
                 let request = format!("{}\r\n\r\n", lines.join("\r\n"));
-                let tamper = lines[0].contains(path) && !flag.load(Ordering::SeqCst);
+                let chosen = lines[0].contains(path) && !flag.load(Ordering::SeqCst);
+                if chosen && tamper == Tamper::Endless {
+                    flag.store(true, Ordering::SeqCst);
+                    let _ = client.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+                    );
+                    let piece = [b'{'; 64 * 1024];
+                    // 1 GiB at most, so a client that never stops cannot hang the test.
+                    for _ in 0..16 * 1024 {
+                        let sent = client
+                            .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                            .and_then(|()| client.write_all(&piece))
+                            .and_then(|()| client.write_all(b"\r\n"));
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
                 let mut server = TcpStream::connect(upstream).unwrap();
                 server.write_all(request.as_bytes()).unwrap();
                 let mut response = Vec::new();
                 let _ = server.read_to_end(&mut response);
-                if tamper
+                if chosen
                     && let Some(body) = response
                         .windows(4)
                         .position(|w| w == b"\r\n\r\n")
@@ -713,7 +743,7 @@ fn flipping_proxy(upstream: std::net::SocketAddr, path: &'static str) -> (u16, A
             });
         }
     });
-    (port, flipped)
+    (port, tampered)
 }
 
 struct Setup {
@@ -776,38 +806,18 @@ fn tampering_in_transit_is_caught_by_the_vehicle_and_python_tuf() {
     let t = setup(4 * MIB, 8);
     t.depot.assign("veh-1", "1.1.0").unwrap();
     // A vehicle pulling through a proxy that flips a byte of a chunk refuses the chunk.
-    let (port, flipped) = flipping_proxy(t.depot.server.addr, "/chunks/");
+    let (port, flipped) = tampering_proxy(t.depot.server.addr, "/chunks/", Tamper::Flip);
     let vehicle = Vehicle::new(t.dir.path(), "veh-1", &t.fleet, &t.v1).unwrap();
-    let (status, out, _) = atlasmesh_tests::run(
-        atlasmesh_tests::atlasmesh()
-            .args([
-                "vehicle",
-                "pull",
-                "--depot",
-                &format!("http://127.0.0.1:{port}/"),
-                "--vehicle",
-                "veh-1",
-            ])
-            .args([
-                "--slot",
-                s(&vehicle.slot),
-                "--current",
-                s(&vehicle.current),
-                "--state",
-                s(&vehicle.state),
-            ])
-            .args(["--fleet-root", s(&t.fleet.root()), "--concurrency", "1"]),
-    )
-    .unwrap();
+    let pulled = pull_through(&vehicle, port, &t.fleet);
     assert!(flipped.load(Ordering::SeqCst));
-    refused((status, serde_json::from_str(&out).unwrap()), "chunk_hash");
+    refused(pulled, "chunk_hash");
     // Retrying straight from the depot completes, refetching only what was not verified.
     let (status, report) = vehicle.pull(&t.depot, &[]).unwrap();
     assert!(status.success(), "{report}");
     assert_eq!(std::fs::read(&vehicle.slot).unwrap(), t.v2);
 
     // python-tuf downloading the image through the same kind of proxy refuses it.
-    let (port, flipped) = flipping_proxy(t.depot.server.addr, ".img");
+    let (port, flipped) = tampering_proxy(t.depot.server.addr, ".img", Tamper::Flip);
     let out = t.dir.path().join("py.img");
     let mut cmd = atlasmesh_tests::python_peer("tuf_client.py");
     cmd.args([
@@ -829,6 +839,101 @@ fn tampering_in_transit_is_caught_by_the_vehicle_and_python_tuf() {
     assert!(flipped.load(Ordering::SeqCst));
     assert_eq!(status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("LengthOrHashMismatchError"), "{stdout}");
+}
+
+/// `vehicle pull` through a proxy on `port`, one chunk at a time.
+fn pull_through(vehicle: &Vehicle, port: u16, fleet: &Fleet) -> (std::process::ExitStatus, Value) {
+    let (status, out, err) = atlasmesh_tests::run(
+        atlasmesh_tests::atlasmesh()
+            .args([
+                "vehicle",
+                "pull",
+                "--depot",
+                &format!("http://127.0.0.1:{port}/"),
+            ])
+            .args(["--vehicle", &vehicle.id, "--slot", s(&vehicle.slot)])
+            .args([
+                "--current",
+                s(&vehicle.current),
+                "--state",
+                s(&vehicle.state),
+            ])
+            .args(["--fleet-root", s(&fleet.root()), "--concurrency", "1"]),
+    )
+    .unwrap();
+    let report =
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("no JSON report: {out} {err}"));
+    (status, report)
+}
+
+/// Endless data: a peer that never stops sending is cut off at what was signed (or at the
+/// size any metadata may have), by the vehicle, by python-tuf and by the depot's staging.
+#[test]
+fn endless_responses_are_cut_off_at_the_signed_length() {
+    let t = setup(2 * MIB, 4);
+    t.depot.assign("veh-1", "1.1.0").unwrap();
+    let vehicle = Vehicle::new(t.dir.path(), "veh-1", &t.fleet, &t.v1).unwrap();
+    for path in [
+        "/chunks/",
+        "/tuf/image/metadata/timestamp.json",
+        "/tuf/director/metadata/timestamp.json",
+    ] {
+        let (port, sent) = tampering_proxy(t.depot.server.addr, path, Tamper::Endless);
+        let pulled = pull_through(&vehicle, port, &t.fleet);
+        assert!(sent.load(Ordering::SeqCst), "{path}");
+        refused(pulled, "too_large");
+    }
+    assert!(!vehicle.slot.exists() || std::fs::read(&vehicle.slot).unwrap() != t.v2);
+    // Nothing was lost: straight from the depot the pull completes.
+    let (status, report) = vehicle.pull(&t.depot, &[]).unwrap();
+    assert!(status.success(), "{report}");
+    assert_eq!(std::fs::read(&vehicle.slot).unwrap(), t.v2);
+
+    // python-tuf, refreshing through an endless timestamp, refuses too.
+    let (port, _) = tampering_proxy(t.depot.server.addr, "timestamp.json", Tamper::Endless);
+    let mut cmd = atlasmesh_tests::python_peer("tuf_client.py");
+    cmd.args([
+        "--metadata-url",
+        &format!("http://127.0.0.1:{port}/tuf/image/metadata/"),
+    ])
+    .args([
+        "--targets-url",
+        &format!("http://127.0.0.1:{port}/tuf/image/targets/"),
+    ])
+    .args([
+        "--root",
+        s(&t.fleet.root()),
+        "--state",
+        s(&t.dir.path().join("py")),
+    ]);
+    let (status, stdout, _) = atlasmesh_tests::run(&mut cmd).unwrap();
+    assert_eq!(status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("DownloadLengthMismatchError"), "{stdout}");
+
+    // A depot staging from a URL whose image never ends stops at the signed length, and
+    // nothing of it becomes visible.
+    let fleet = Fleet::new().unwrap();
+    fleet.add(HW, "2.0.0", &t.v2, &[]).unwrap();
+    let upstream = OtaDepot::start(&fleet, &[]).unwrap();
+    assert_eq!(
+        upstream.stage_dir(&fleet.repo, HW, "2.0.0").unwrap()["state"],
+        "staged"
+    );
+    let (port, sent) = tampering_proxy(upstream.server.addr, ".img", Tamper::Endless);
+    let downstream = OtaDepot::start(&fleet, &[]).unwrap();
+    let job = downstream
+        .stage_job(json!({"url": format!("http://127.0.0.1:{port}/tuf/image/"), "hardware": HW, "version": "2.0.0"}))
+        .unwrap();
+    assert!(sent.load(Ordering::SeqCst));
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("longer than the signed"),
+        "{job}"
+    );
+    assert!(staged_versions(&downstream).is_empty());
 }
 
 #[test]
@@ -1103,7 +1208,7 @@ fn sign_director(
 }
 
 #[test]
-fn expired_image_metadata_stops_vehicles_and_python_tuf() {
+fn expired_image_metadata_stops_vehicles_until_a_metadata_only_refresh() {
     let fleet = Fleet::with_expiry(&["--timestamp-expires", "4s"]).unwrap();
     let v1 = random_bytes(MIB, 80);
     let v2 = variant(&v1, 81, 2, 10_000, 100);
@@ -1128,6 +1233,101 @@ fn expired_image_metadata_stops_vehicles_and_python_tuf() {
         tuf_client(&depot, "image", &fleet.root(), &dir.path().join("py"), None).unwrap();
     assert_eq!(code, 2, "{got}");
     assert!(got["error"].as_str().unwrap().contains("Expired"), "{got}");
+
+    // Release engineering re-signs the timestamp; a metadata-only refresh (by the CLI) brings
+    // the depot's mirror up to date without staging anything, and the same vehicle pulls.
+    let refresh_fleet = || {
+        release(&[
+            "refresh",
+            "--keys",
+            s(&fleet.keys),
+            "--repo",
+            s(&fleet.repo),
+        ])
+        .unwrap()
+    };
+    refresh_fleet();
+    let out = atlasmesh_tests::atlasmesh()
+        .args(["stage", "--depot", &depot.url("/"), "--token", &depot.token])
+        .args(["--metadata-only", "--dir", s(&fleet.repo)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refreshed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        refreshed["timestamp_version"].as_u64().unwrap() >= 2,
+        "{refreshed}"
+    );
+    let (status, report) = vehicle.pull(&depot, &[]).unwrap();
+    assert!(status.success(), "{report}");
+    assert_eq!(std::fs::read(&vehicle.slot).unwrap(), v2);
+    let (code, got) =
+        tuf_client(&depot, "image", &fleet.root(), &dir.path().join("py"), None).unwrap();
+    assert_eq!(code, 0, "{got}");
+    assert_eq!(staged_versions(&depot), ["1.1.0"]);
+
+    // A copy that verified once but has since been superseded is a replay: refused, the
+    // mirror left as it was, and audited like the refresh that went through.
+    let replay = fleet.snapshot("replay").unwrap();
+    refresh_fleet();
+    let refresh = |path: &Path| {
+        let response = http()
+            .post(depot.url("/api/v1/ota/metadata"))
+            .bearer_auth(&depot.token)
+            .json(&json!({"path": path}))
+            .send()
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().unwrap(),
+        )
+    };
+    let (status, newest) = refresh(&fleet.repo);
+    assert_eq!(status, 200, "{newest}");
+    let mirrored = || {
+        std::fs::read(
+            depot
+                .server
+                .data_dir
+                .join("ota/mirror/metadata/timestamp.json"),
+        )
+        .unwrap()
+    };
+    let before = mirrored();
+    let (status, body) = refresh(&replay);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("metadata_rollback")),
+        "{body}"
+    );
+    assert_eq!(mirrored(), before);
+    let outcomes: Vec<Value> = audit(&depot, "image.metadata_refresh")
+        .iter()
+        .map(|r| r["result"].clone())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "ok").count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "failed").count(),
+        1,
+        "{outcomes:?}"
+    );
+    // A viewer may not change what the depot trusts.
+    let viewer = depot.server.token("viewer");
+    let response = http()
+        .post(depot.url("/api/v1/ota/metadata"))
+        .bearer_auth(viewer)
+        .json(&json!({"path": fleet.repo}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 403);
 }
 
 fn progress_done(state: &Path) -> usize {

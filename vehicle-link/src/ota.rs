@@ -72,6 +72,9 @@ pub enum PullError {
     ImageHash { expected: String, actual: String },
     #[error("fetching {url}: {message}")]
     Http { url: String, message: String },
+    /// Endless data: a response longer than what was signed (or than any metadata may be).
+    #[error("{url} sent more than the expected {limit} bytes; refused")]
+    TooLarge { url: String, limit: u64 },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
 }
@@ -91,6 +94,7 @@ impl PullError {
             PullError::ChunkHash { .. } => "chunk_hash",
             PullError::ImageHash { .. } => "image_hash",
             PullError::Http { .. } => "http",
+            PullError::TooLarge { .. } => "too_large",
             PullError::Io { .. } => "io",
         }
     }
@@ -220,9 +224,10 @@ async fn get_limited(
         let piece = piece.map_err(|e| http(e.to_string()))?;
         // Endless data: never accept more than expected.
         if (body.len() + piece.len()) as u64 > limit {
-            return Err(http(format!(
-                "response longer than the expected {limit} bytes"
-            )));
+            return Err(PullError::TooLarge {
+                url: url.to_string(),
+                limit,
+            });
         }
         body.extend_from_slice(&piece);
     }

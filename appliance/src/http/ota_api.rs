@@ -36,6 +36,7 @@ pub fn routes() -> Router<AppState> {
         .route("/bandwidth", get(get_bandwidth).put(set_bandwidth))
         .route("/ota/trust", get(trust))
         .route("/ota/fleet-root", put(pin_fleet_root))
+        .route("/ota/metadata", post(refresh_metadata))
         .route("/ota/director", get(director))
         .route("/ota/director/certificate", put(install_certificate))
 }
@@ -185,6 +186,45 @@ async fn delete_image(
     ))
 }
 
+fn source_of(url: Option<String>, path: Option<String>) -> Result<Source, ApiError> {
+    match (url, path) {
+        (Some(url), None) => Ok(Source::Url(
+            Url::parse(&url).map_err(|e| ApiError::invalid(format!("url: {e}")))?,
+        )),
+        (None, Some(path)) => Ok(Source::Path(path.into())),
+        _ => Err(ApiError::invalid("give exactly one of `url` and `path`")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataRequest {
+    url: Option<String>,
+    path: Option<String>,
+}
+
+/// A metadata-only refresh of the image repository's mirror (see `Ota::refresh_metadata`).
+async fn refresh_metadata(
+    caller: Auth<Technician>,
+    State(app): State<AppState>,
+    ApiJson(request): ApiJson<MetadataRequest>,
+) -> Result<Response, ApiError> {
+    let source = source_of(request.url, request.path)?;
+    let refreshed = app
+        .ota
+        .refresh_metadata(source, &actor(&caller))
+        .await
+        .map_err(|e| ota_error(e, true))?;
+    Ok(audited_json(
+        StatusCode::OK,
+        &json!({
+            "timestamp_version": refreshed.timestamp_version,
+            "timestamp_expires": rfc3339(refreshed.timestamp_expires_ms),
+            "targets_version": refreshed.targets_version,
+        }),
+    ))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StageRequest {
@@ -226,13 +266,7 @@ async fn stage(
             })?;
         let request: StageRequest = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))?;
-        let source = match (request.url, request.path) {
-            (Some(url), None) => {
-                Source::Url(Url::parse(&url).map_err(|e| ApiError::invalid(format!("url: {e}")))?)
-            }
-            (None, Some(path)) => Source::Path(path.into()),
-            _ => return Err(ApiError::invalid("give exactly one of `url` and `path`")),
-        };
+        let source = source_of(request.url, request.path)?;
         let job = app
             .ota
             .start_job(source, request.hardware, request.version, actor(&caller))

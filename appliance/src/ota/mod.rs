@@ -69,6 +69,14 @@ pub enum OtaError {
     Internal(String),
 }
 
+/// What a metadata-only refresh mirrored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MetadataRefreshed {
+    pub timestamp_version: u64,
+    pub timestamp_expires_ms: i64,
+    pub targets_version: u64,
+}
+
 /// Who asked, for jobs and audit records.
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -101,6 +109,13 @@ pub enum Source {
 }
 
 impl Source {
+    fn location(&self) -> Result<Location, StagingError> {
+        match self {
+            Source::Path(dir) => Location::directory(dir),
+            Source::Url(url) => Location::url(url.clone()),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Source::Path(_) => "path",
@@ -509,10 +524,7 @@ impl Ota {
         let (done, stop) = self.begin_job(job, described.clone(), None);
         let staging_file = self.store.staging_dir().join(format!("job-{job}.img"));
         let result = async {
-            let location = match &source {
-                Source::Path(dir) => Location::directory(dir)?,
-                Source::Url(url) => Location::url(url.clone())?,
-            };
+            let location = source.location()?;
             let release = self.verify(&location, &hardware, &version).await?;
             self.set_total(release.image.length);
             let image_url = location.image_url(&release.image)?;
@@ -1137,6 +1149,56 @@ impl Ota {
                 }
             }
         });
+    }
+
+    /// Mirrors the fleet's current image-repository metadata without staging an image: the
+    /// way a depot whose vehicles stay docked for long keeps the timestamp they check fresh
+    /// after release engineering re-signs it (`atlasmesh release refresh`). Verified from the
+    /// pinned root like any staging, so an older or forged copy is refused; audited.
+    pub async fn refresh_metadata(
+        &self,
+        source: Source,
+        actor: &Actor,
+    ) -> Result<MetadataRefreshed, OtaError> {
+        let _guard = self.try_staging_lock()?;
+        let described = source.describe();
+        let result = async {
+            let location = source.location()?;
+            let transport = HttpTransport::new(self.http.clone());
+            let verified = staging::verify_metadata(&self.mirror, &location, transport).await?;
+            let mirror = self.mirror.clone();
+            tokio::task::spawn_blocking(move || {
+                staging::publish_metadata(&mirror, &verified).map(|()| verified)
+            })
+            .await
+            .map_err(|e| OtaError::Internal(format!("mirroring task failed: {e}")))?
+            .map_err(OtaError::from)
+        }
+        .await;
+        let (outcome, detail) = match &result {
+            Ok(m) => (
+                Outcome::Ok,
+                json!({"source": described, "timestamp_version": m.timestamp_version, "timestamp_expires": unix_ms(m.timestamp_expires), "targets_version": m.targets_version}),
+            ),
+            Err(e) => (
+                Outcome::Failed,
+                json!({"source": described, "code": error_code(e), "error": e.to_string()}),
+            ),
+        };
+        self.record(
+            actor,
+            "image.metadata_refresh",
+            "image-repository",
+            outcome,
+            detail,
+        )
+        .await;
+        let verified = result?;
+        Ok(MetadataRefreshed {
+            timestamp_version: verified.timestamp_version,
+            timestamp_expires_ms: unix_ms(verified.timestamp_expires),
+            targets_version: verified.targets_version,
+        })
     }
 
     pub async fn set_bandwidth(&self, rate: Option<u64>, actor: &Actor) -> Result<(), OtaError> {
