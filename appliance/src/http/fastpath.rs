@@ -209,14 +209,11 @@ pub async fn serve(
                 (region, bodiless)
             }
         };
-        // With a file to follow, the socket is corked (as nginx's tcp_nopush): the head leaves
-        // with the first file bytes and only full segments go out until the region is sent.
+        // With a file to follow, the head is sent with MSG_MORE: it leaves with the first file
+        // bytes, as under nginx's tcp_nopush, without two setsockopt calls per response.
         let region = region.filter(|_| !bodiless);
-        if region.is_some() {
-            let _ = rustix::net::sockopt::set_tcp_cork(&stream, true);
-        }
         let mut stall = Stall::new();
-        if let Err(e) = write_all(&stream, &mut stall, &out).await {
+        if let Err(e) = write_all(&stream, &mut stall, &out, region.is_some()).await {
             tracing::debug!(%peer, error = %e, "client went away");
             return After::Closed;
         }
@@ -226,7 +223,6 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "sending a file region ended early");
                 return After::Closed;
             }
-            let _ = rustix::net::sockopt::set_tcp_cork(&stream, false);
         }
         if !keep_alive {
             let _ = stream.shutdown().await;
@@ -460,9 +456,23 @@ impl Stall {
     }
 }
 
-async fn write_all(stream: &TcpStream, stall: &mut Stall, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes `bytes`; with `more`, tells the kernel that more data follows (MSG_MORE).
+async fn write_all(
+    stream: &TcpStream,
+    stall: &mut Stall,
+    mut bytes: &[u8],
+    more: bool,
+) -> io::Result<()> {
+    let flags = if more {
+        rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL
+    } else {
+        rustix::net::SendFlags::NOSIGNAL
+    };
     while !bytes.is_empty() {
-        let n = when_writable(stream, stall, || stream.try_write(bytes)).await?;
+        let n = when_writable(stream, stall, || {
+            rustix::net::send(stream, bytes, flags).map_err(io::Error::from)
+        })
+        .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
