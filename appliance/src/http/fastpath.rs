@@ -217,12 +217,12 @@ pub async fn serve(
             tracing::debug!(%peer, error = %e, "client went away");
             return After::Closed;
         }
-        if let Some(region) = region {
-            if let Err(e) = send_region(&stream, &mut stall, &region).await {
-                // The length was promised in the head; a short body must end the connection.
-                tracing::debug!(%peer, error = %e, "sending a file region ended early");
-                return After::Closed;
-            }
+        if let Some(region) = region
+            && let Err(e) = send_region(&stream, &mut stall, &region).await
+        {
+            // The length was promised in the head; a short body must end the connection.
+            tracing::debug!(%peer, error = %e, "sending a file region ended early");
+            return After::Closed;
         }
         if !keep_alive {
             let _ = stream.shutdown().await;
