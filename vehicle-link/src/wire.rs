@@ -432,6 +432,16 @@ mod tests {
         for (kind, payload) in examples {
             parse_upward(kind, payload.as_bytes()).unwrap_or_else(|e| panic!("{payload}: {e}"));
         }
+        let ota: OtaCommand = serde_json::from_str(
+            r#"{"version": "1.5.0", "hardware_id": "veh-gen2", "depot_url": "http://10.0.0.2:8080/", "ts_ms": 1795000005000}"#,
+        )
+        .unwrap();
+        assert_eq!(ota.hardware_id, "veh-gen2");
+        let charge: ChargeCommand = serde_json::from_str(
+            r#"{"target_soc_percent": 80.0, "max_current_a": 32.0, "ts_ms": 1795000006000}"#,
+        )
+        .unwrap();
+        assert_eq!(charge.max_current_a, 32.0);
         // Additive changes within v1: unknown fields are ignored.
         parse_upward(Upward::Link, br#"{"online": true, "since_ms": 5}"#).unwrap();
     }
