@@ -101,13 +101,18 @@ pub fn vehicle_target_name(vehicle_id: &str) -> String {
 }
 
 /// Vehicle ids become path segments and MQTT topic levels: a safe, bounded set.
-pub fn validate_vehicle_id(id: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&id.len())
+/// The rule for ids that appear in target names, file names and MQTT topics: 1 to 64 letters,
+/// digits, `-`, `_` or `.`, not starting with a dot (never a path, wildcard or level separator).
+pub fn is_plain_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !id.starts_with('.');
-    if ok {
+        && !id.starts_with('.')
+}
+
+pub fn validate_vehicle_id(id: &str) -> Result<(), String> {
+    if is_plain_id(id) {
         Ok(())
     } else {
         Err(format!(

@@ -343,16 +343,22 @@ pub fn tuf_client(
     state: &Path,
     target: Option<(&str, &Path)>,
 ) -> Result<(i32, Value)> {
+    tuf_client_at(&depot.url("/"), repo, root, state, target)
+}
+
+/// As [`tuf_client`], against any base URL (a proxy in front of a depot).
+pub fn tuf_client_at(
+    base: &str,
+    repo: &str,
+    root: &Path,
+    state: &Path,
+    target: Option<(&str, &Path)>,
+) -> Result<(i32, Value)> {
+    let base = base.trim_end_matches('/');
     let mut cmd = python_peer("tuf_client.py");
-    cmd.args([
-        "--metadata-url",
-        &depot.url(&format!("/tuf/{repo}/metadata/")),
-    ])
-    .args([
-        "--targets-url",
-        &depot.url(&format!("/tuf/{repo}/targets/")),
-    ])
-    .args(["--root", s(root), "--state", s(state)]);
+    cmd.args(["--metadata-url", &format!("{base}/tuf/{repo}/metadata/")])
+        .args(["--targets-url", &format!("{base}/tuf/{repo}/targets/")])
+        .args(["--root", s(root), "--state", s(state)]);
     if let Some((name, out)) = target {
         cmd.args(["--target", name, "--out", s(out)]);
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use atlasmesh_tests::ota::{
-    Fleet, OtaDepot, Vehicle, random_bytes, release, s, tuf_client, variant,
+    Fleet, OtaDepot, Vehicle, random_bytes, release, s, tuf_client, tuf_client_at, variant,
 };
 use atlasmesh_tests::{Options, http};
 use serde_json::{Value, json};
@@ -819,26 +819,17 @@ fn tampering_in_transit_is_caught_by_the_vehicle_and_python_tuf() {
     // python-tuf downloading the image through the same kind of proxy refuses it.
     let (port, flipped) = tampering_proxy(t.depot.server.addr, ".img", Tamper::Flip);
     let out = t.dir.path().join("py.img");
-    let mut cmd = atlasmesh_tests::python_peer("tuf_client.py");
-    cmd.args([
-        "--metadata-url",
-        &format!("http://127.0.0.1:{port}/tuf/image/metadata/"),
-    ])
-    .args([
-        "--targets-url",
-        &format!("http://127.0.0.1:{port}/tuf/image/targets/"),
-    ])
-    .args([
-        "--root",
-        s(&t.fleet.root()),
-        "--state",
-        s(&t.dir.path().join("py-state")),
-    ])
-    .args(["--target", &format!("{HW}_1.1.0.img"), "--out", s(&out)]);
-    let (status, stdout, _) = atlasmesh_tests::run(&mut cmd).unwrap();
+    let (code, got) = tuf_client_at(
+        &format!("http://127.0.0.1:{port}/"),
+        "image",
+        &t.fleet.root(),
+        &t.dir.path().join("py-state"),
+        Some((&format!("{HW}_1.1.0.img"), &out)),
+    )
+    .unwrap();
     assert!(flipped.load(Ordering::SeqCst));
-    assert_eq!(status.code(), Some(2), "{stdout}");
-    assert!(stdout.contains("LengthOrHashMismatchError"), "{stdout}");
+    assert_eq!(code, 2, "{got}");
+    assert_eq!(got["error"], "LengthOrHashMismatchError", "{got}");
 }
 
 /// `vehicle pull` through a proxy on `port`, one chunk at a time.
@@ -891,24 +882,16 @@ fn endless_responses_are_cut_off_at_the_signed_length() {
 
     // python-tuf, refreshing through an endless timestamp, refuses too.
     let (port, _) = tampering_proxy(t.depot.server.addr, "timestamp.json", Tamper::Endless);
-    let mut cmd = atlasmesh_tests::python_peer("tuf_client.py");
-    cmd.args([
-        "--metadata-url",
-        &format!("http://127.0.0.1:{port}/tuf/image/metadata/"),
-    ])
-    .args([
-        "--targets-url",
-        &format!("http://127.0.0.1:{port}/tuf/image/targets/"),
-    ])
-    .args([
-        "--root",
-        s(&t.fleet.root()),
-        "--state",
-        s(&t.dir.path().join("py")),
-    ]);
-    let (status, stdout, _) = atlasmesh_tests::run(&mut cmd).unwrap();
-    assert_eq!(status.code(), Some(2), "{stdout}");
-    assert!(stdout.contains("DownloadLengthMismatchError"), "{stdout}");
+    let (code, got) = tuf_client_at(
+        &format!("http://127.0.0.1:{port}/"),
+        "image",
+        &t.fleet.root(),
+        &t.dir.path().join("py"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 2, "{got}");
+    assert_eq!(got["error"], "DownloadLengthMismatchError", "{got}");
 
     // A depot staging from a URL whose image never ends stops at the signed length, and
     // nothing of it becomes visible.

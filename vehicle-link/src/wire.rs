@@ -119,15 +119,10 @@ impl Topics {
     }
 }
 
-/// Ids that appear in topics: 1 to 64 of letters, digits, `-`, `_`, `.`, not starting with a
-/// dot (and so never an MQTT wildcard or level separator).
+/// Ids that appear in topics follow the depot's one id rule (`director::is_plain_id`), so they
+/// are never an MQTT wildcard or level separator.
 pub fn check_id(what: &'static str, id: &str) -> Result<(), WireError> {
-    let ok = (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !id.starts_with('.');
-    if ok {
+    if atlasmesh_ota_staging::director::is_plain_id(id) {
         Ok(())
     } else {
         Err(WireError::Invalid(format!(
