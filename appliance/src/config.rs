@@ -37,6 +37,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub ota: OtaConfig,
+    pub vehicle_link: VehicleLinkConfig,
 }
 
 impl Default for Config {
@@ -50,6 +51,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             log: LogConfig::default(),
             ota: OtaConfig::default(),
+            vehicle_link: VehicleLinkConfig::default(),
         }
     }
 }
@@ -219,6 +221,43 @@ impl Default for OtaConfig {
             download_bytes_per_second: 0,
             bandwidth_bytes_per_second: 0,
             director_refresh: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VehicleLinkConfig {
+    /// An external MQTT broker (`mqtt://host:1883`), for larger depots. Unset runs the embedded
+    /// broker, whose vehicle-facing front listens on `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_url: Option<String>,
+    /// The depot's user name at the external broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// File holding the depot's password at the external broker (first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Where the embedded broker takes vehicle connections (MQTT 3.1.1).
+    pub listen: SocketAddr,
+    /// The base URL vehicles are told to fetch OTA from; unset means `http://<host name>:<port
+    /// of depot.http>/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// A vehicle silent this long is shown offline even without its Last Will.
+    #[serde(with = "humantime_serde")]
+    pub offline_after: Duration,
+}
+
+impl Default for VehicleLinkConfig {
+    fn default() -> Self {
+        Self {
+            broker_url: None,
+            username: None,
+            password_file: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            public_url: None,
+            offline_after: Duration::from_secs(300),
         }
     }
 }

@@ -124,6 +124,37 @@ async fn run_locked(
     )
     .await
     .context("opening the image cache")?;
+    let http_addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    let mqtt_listener = match &config.vehicle_link.broker_url {
+        Some(_) => None,
+        None => Some(
+            TcpListener::bind(config.vehicle_link.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen for vehicles on {} (vehicle_link.listen)",
+                        config.vehicle_link.listen
+                    )
+                })?,
+        ),
+    };
+    let link = crate::link::VehicleLink::start(
+        crate::link::LinkParts {
+            config: config.vehicle_link.clone(),
+            depot_id: prepared.depot_id.clone(),
+            listener: mqtt_listener,
+            http_addr,
+            store: store.clone(),
+            clock: clock.clone(),
+            panel: events.clone(),
+        },
+        &mut registry,
+        shutdown.clone(),
+    )
+    .await
+    .context("starting the vehicle link")?;
     let core = Core {
         mode: Mode::Depot,
         started_at: SystemTime::now(),
@@ -148,15 +179,18 @@ async fn run_locked(
         config: config.clone(),
         events,
         ota,
+        link: link.clone(),
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());
 
-    let addr = listener
-        .local_addr()
-        .context("listener has no local address")?;
+    let mqtt = match &link.broker {
+        crate::link::BrokerInfo::Embedded { listen } => listen.to_string(),
+        crate::link::BrokerInfo::External { url } => url.clone(),
+    };
     tracing::info!(
-        addr = %addr,
+        addr = %http_addr,
+        mqtt = %mqtt,
         scheme = if tls.is_some() { "https" } else { "http" },
         depot_id = %prepared.depot_id,
         data_dir = %config.data_dir.display(),

@@ -12,6 +12,7 @@
 //! - [`cli`]: clap definitions. [`config`]: defaults, TOML file, environment, flags.
 //! - [`depot`], [`cloud`]: each mode's `run(config, shutdown)`.
 //! - [`http`]: routing, middleware, API, panel, accept loop. [`tls`]: HTTPS.
+//! - [`link`]: the vehicle link (MQTT client, embedded broker, registry, vehicle events).
 //! - [`store`]: the depot store, migrations, backup and restore. [`datadir`]: lock and secrets.
 //! - [`auth`]: roles, passwords, tokens, sessions, login limiter. [`audit`]: the audit trail.
 //! - [`metrics`], [`logging`], [`sysstat`], [`shutdown`]: observability and lifecycle.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod datadir;
 pub mod depot;
 pub mod http;
+pub mod link;
 pub mod logging;
 pub mod metrics;
 pub mod ota;

@@ -16,7 +16,15 @@ pub enum LogError {
 
 /// Installs the global subscriber. Logs go to stderr, keeping stdout for command output.
 pub fn init(config: &LogConfig) -> Result<(), LogError> {
-    let filter = EnvFilter::try_new(&config.level)
+    // The embedded broker logs every ordinary disconnect as an error; the link and the broker's
+    // front log what a depot's reader needs (refusals, lost connections, dropped messages).
+    // Naming `rumqttd` in the level brings its own lines back for debugging.
+    let level = if config.level.contains("rumqttd") {
+        config.level.clone()
+    } else {
+        format!("{},rumqttd=off", config.level)
+    };
+    let filter = EnvFilter::try_new(&level)
         .map_err(|e| LogError::Filter(config.level.clone(), e.to_string()))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod mqtt;
 pub mod ota;
 
 /// The workspace root (this crate lives in `<root>/tests`).
@@ -136,6 +137,8 @@ pub fn run(cmd: &mut Command) -> Result<(ExitStatus, String, String)> {
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The vehicle broker: `host:port` of the embedded one, or the external broker's URL.
+    pub mqtt: Option<String>,
     pub data_dir: PathBuf,
     pub scheme: &'static str,
     logs: Arc<Mutex<Vec<String>>>,
@@ -184,6 +187,8 @@ impl Server {
             .args(["--http", "127.0.0.1:0"])
             .args(&options.args);
         cmd.env("ATLASMESH_LOG__LEVEL", "info");
+        // Tests run side by side: the embedded broker takes a free port, reported in the log.
+        cmd.env("ATLASMESH_VEHICLE_LINK__LISTEN", "127.0.0.1:0");
         for (k, v) in &options.env {
             cmd.env(k, v);
         }
@@ -204,13 +209,14 @@ impl Server {
                 {
                     let addr = json["addr"].as_str().unwrap_or_default().to_owned();
                     let scheme = json["scheme"].as_str().unwrap_or("http").to_owned();
-                    let _ = sender.send((addr, scheme));
+                    let mqtt = json["mqtt"].as_str().map(str::to_owned);
+                    let _ = sender.send((addr, scheme, mqtt));
                     tx = None;
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let (addr, scheme) = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, scheme, mqtt) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(found) => found,
             Err(_) => {
                 let _ = child.kill();
@@ -224,6 +230,7 @@ impl Server {
             addr: addr
                 .parse()
                 .with_context(|| format!("bad listen address {addr:?}"))?,
+            mqtt,
             data_dir,
             scheme: if scheme == "https" { "https" } else { "http" },
             logs,

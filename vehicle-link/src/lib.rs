@@ -8,5 +8,6 @@
 //! Must not: trust a byte before verifying it (metadata by TUF, chunks and images by hash), or
 //! let one vehicle act on another's assignment.
 
+pub mod front;
 pub mod ota;
 pub mod wire;

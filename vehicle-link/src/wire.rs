@@ -117,6 +117,21 @@ impl Topics {
             .ok_or_else(bad)?;
         Ok((vehicle.to_owned(), kind))
     }
+
+    /// The broker-side rule for a vehicle's publications (its Last Will included): only its own
+    /// upward topics, so no vehicle can speak for another.
+    pub fn may_publish(&self, vehicle: &str, topic: &str) -> bool {
+        self.parse_upward(topic).is_ok_and(|(v, _)| v == vehicle)
+    }
+
+    /// The broker-side rule for a vehicle's subscriptions: its own commands, no wildcard that
+    /// reaches further.
+    pub fn may_subscribe(&self, vehicle: &str, filter: &str) -> bool {
+        filter == self.downward_filter(vehicle)
+            || [Downward::Ota, Downward::Charge]
+                .into_iter()
+                .any(|k| filter == self.downward(vehicle, k))
+    }
 }
 
 /// Ids that appear in topics follow the depot's one id rule (`director::is_plain_id`), so they
@@ -399,6 +414,23 @@ mod tests {
     }
 
     /// The examples in docs/vehicle-link.md, parsed as the depot parses them.
+    #[test]
+    fn a_vehicle_may_publish_and_subscribe_only_its_own_topics() {
+        let t = topics();
+        assert!(t.may_publish("veh-7", &t.upward("veh-7", Upward::State)));
+        assert!(t.may_publish("veh-7", &t.upward("veh-7", Upward::Link)));
+        assert!(!t.may_publish("veh-7", &t.upward("veh-8", Upward::State)));
+        assert!(!t.may_publish("veh-7", &t.downward("veh-7", Downward::Ota)));
+        assert!(!t.may_publish("veh-7", "atlasmesh/v1/depots/other/vehicles/veh-7/state"));
+        assert!(!t.may_publish("veh-7", &t.upward_filter()));
+        assert!(t.may_subscribe("veh-7", &t.downward_filter("veh-7")));
+        assert!(t.may_subscribe("veh-7", &t.downward("veh-7", Downward::Ota)));
+        assert!(!t.may_subscribe("veh-7", &t.downward_filter("veh-8")));
+        assert!(!t.may_subscribe("veh-7", &t.upward_filter()));
+        assert!(!t.may_subscribe("veh-7", "#"));
+        assert!(!t.may_subscribe("veh-7", "atlasmesh/v1/depots/depot-1/vehicles/veh-7/#"));
+    }
+
     #[test]
     fn documented_examples_parse() {
         let examples = [

@@ -15,6 +15,7 @@ pub mod ota_api;
 pub mod panel;
 pub mod server;
 pub mod vehicle;
+pub mod vehicles_api;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -125,6 +126,7 @@ pub struct AppState {
     pub limiter: Arc<LoginLimiter>,
     pub events: broadcast::Sender<PanelEvent>,
     pub ota: Arc<crate::ota::Ota>,
+    pub link: Arc<crate::link::VehicleLink>,
 }
 
 impl FromRef<AppState> for Core {

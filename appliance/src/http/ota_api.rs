@@ -375,6 +375,10 @@ async fn assign(
         .assign(&request.vehicle_id, &image, &actor(&caller))
         .await
         .map_err(|e| ota_error(e, false))?;
+    // Committed: tell the vehicle now rather than at its next docking.
+    let link = app.link.clone();
+    let vehicle = request.vehicle_id.clone();
+    tokio::spawn(async move { link.notify_ota(Some(vehicle)).await });
     Ok(audited_json(
         StatusCode::OK,
         &json!({"vehicle_id": request.vehicle_id, "hardware_id": image.hardware_id, "version": image.version, "director": published}),

@@ -22,6 +22,7 @@ pub use backup::{BackupReport, RestoreReport, backup, restore};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_foundation.sql"),
     include_str!("migrations/0002_ota.sql"),
+    include_str!("migrations/0003_vehicles.sql"),
 ];
 
 /// The schema version this binary migrates to.
