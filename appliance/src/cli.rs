@@ -50,6 +50,69 @@ pub enum Command {
     /// The reference vehicle client.
     #[command(subcommand)]
     Vehicle(VehicleCommand),
+    /// Run a simulated fleet against a depot: vehicles dock, charge, report and pull OTA.
+    Sim(SimArgs),
+}
+
+/// How simulated vehicles behave (shared by `atlasmesh sim` and `depot --simulate-fleet`).
+#[derive(Debug, Args, Clone)]
+pub struct FleetArgs {
+    /// Seed of every vehicle's schedule: the same seed repeats the same run.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Probability that installing a version fails, e.g. `--fail 2.0.0=0.3` (repeatable).
+    #[arg(long, value_name = "VERSION=RATE", value_parser = parse_rate)]
+    pub fail: Vec<(String, f64)>,
+    /// Hardware id the simulated vehicles report.
+    #[arg(long, default_value = "veh-gen2")]
+    pub sim_hardware: String,
+    /// Version the simulated vehicles start with.
+    #[arg(long, default_value = "1.0.0")]
+    pub sim_version: String,
+    /// Length of one simulated second (e.g. 100ms runs ten times faster).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sim_second: std::time::Duration,
+}
+
+fn parse_rate(s: &str) -> Result<(String, f64), String> {
+    let (version, rate) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected VERSION=RATE"))?;
+    let rate: f64 = rate
+        .parse()
+        .map_err(|_| format!("{rate:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(format!("rate {rate} is not between 0 and 1"));
+    }
+    Ok((version.to_owned(), rate))
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// The depot's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub depot: String,
+    /// The broker (`mqtt://host:port`); default: the depot's embedded broker.
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// An API token that may register vehicles (technician), or re-issue their credentials
+    /// when they exist (admin).
+    #[arg(long, env = "ATLASMESH_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// How many vehicles (`sim-0001` ...).
+    #[arg(long, default_value_t = 20)]
+    pub vehicles: usize,
+    /// Stop after this long (default: until interrupted).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Write each vehicle's last report here as JSON when the run ends.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Where simulated vehicles keep OTA state (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
 }
 
 /// Validity periods, for metadata the command signs.
@@ -271,6 +334,11 @@ pub struct DepotArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Run this many simulated vehicles in process (`sim-0001` ...), for demonstrations.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub simulate_fleet: usize,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
 }
 
 impl DepotArgs {

@@ -46,23 +46,24 @@ pub fn forget_initial_password(data_dir: &Path) {
     }
 }
 
+/// An in-process simulated fleet (`depot --simulate-fleet N`).
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    pub vehicles: usize,
+    pub fleet: crate::cli::FleetArgs,
+}
+
 /// Binds the configured address and runs the depot until `shutdown`.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    simulation: Option<Simulation>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let lock = DataDirLock::acquire(&config.data_dir)?;
     let listener = TcpListener::bind(config.depot.http)
         .await
         .with_context(|| format!("cannot listen on {} (depot.http)", config.depot.http))?;
-    run_locked(config, lock, listener, shutdown).await
-}
-
-/// Runs the depot on a listener the caller bound (tests bind port 0).
-pub async fn run_with_listener(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let lock = DataDirLock::acquire(&config.data_dir)?;
-    run_locked(config, lock, listener, shutdown).await
+    run_locked(config, lock, listener, simulation, shutdown).await
 }
 
 struct Prepared {
@@ -74,6 +75,7 @@ async fn run_locked(
     config: Config,
     lock: DataDirLock,
     listener: TcpListener,
+    simulation: Option<Simulation>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -183,6 +185,17 @@ async fn run_locked(
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());
+    if let Some(simulation) = simulation {
+        spawn_simulation(
+            &app,
+            &config,
+            http_addr,
+            tls.is_some(),
+            simulation,
+            &shutdown,
+        )
+        .await?;
+    }
 
     let mqtt = match &link.broker {
         crate::link::BrokerInfo::Embedded { listen } => listen.to_string(),
@@ -278,6 +291,76 @@ fn prepare(store: &Store, config: &Config, now: i64) -> anyhow::Result<Prepared>
         depot_id,
         initial_password_written,
     })
+}
+
+async fn spawn_simulation(
+    app: &AppState,
+    config: &Config,
+    http_addr: std::net::SocketAddr,
+    tls: bool,
+    simulation: Simulation,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let (host, port) = match &app.link.broker {
+        crate::link::BrokerInfo::Embedded { listen } => {
+            let ip = if listen.ip().is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                listen.ip()
+            };
+            (ip.to_string(), listen.port())
+        }
+        crate::link::BrokerInfo::External { url } => {
+            let u = url::Url::parse(url)?;
+            tracing::warn!(
+                "simulated vehicles need logins at the external broker; register them there as well"
+            );
+            (
+                u.host_str().unwrap_or("127.0.0.1").to_owned(),
+                u.port().unwrap_or(1883),
+            )
+        }
+    };
+    let http_ip = if http_addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        http_addr.ip()
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let depot_url = url::Url::parse(&format!(
+        "{scheme}://{}/",
+        std::net::SocketAddr::new(http_ip, http_addr.port())
+    ))?;
+    let now = unix_ms(app.clock.now());
+    let vehicles = crate::sim_cli::provision_local(
+        &app.store,
+        simulation.vehicles,
+        &simulation.fleet.sim_hardware,
+        now,
+    )
+    .await
+    .context("registering the simulated vehicles")?;
+    let sim_config = crate::sim_cli::config(
+        &simulation.fleet,
+        crate::sim_cli::Endpoints {
+            topics: app.link.topics().clone(),
+            broker_host: host,
+            broker_port: port,
+            depot_url,
+            state_dir: config.data_dir.join("simulator"),
+        },
+        vehicles,
+    );
+    tracing::info!(
+        vehicles = simulation.vehicles,
+        seed = simulation.fleet.seed,
+        "running a simulated fleet in process"
+    );
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        atlasmesh_vehicle_link::sim::run(sim_config, shutdown).await;
+    });
+    Ok(())
 }
 
 fn spawn_session_sweeper(store: Store, clock: Arc<dyn Clock>, shutdown: CancellationToken) {

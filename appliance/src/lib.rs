@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod ota;
 pub mod ota_cli;
 pub mod shutdown;
+pub mod sim_cli;
 pub mod store;
 pub mod sysstat;
 pub mod tls;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use atlasmesh::cli::{Cli, Command, TokenCommand, VehicleCommand};
 use atlasmesh::config::{Config, ConfigError};
-use atlasmesh::{cloud, depot, logging, ota_cli, shutdown, tools};
+use atlasmesh::{cloud, depot, logging, ota_cli, shutdown, sim_cli, tools};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -40,7 +40,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             logging::init(&config.log)?;
-            runtime()?.block_on(async { depot::run(config, shutdown::on_signals()?).await })?;
+            let simulation = (args.simulate_fleet > 0).then(|| depot::Simulation {
+                vehicles: args.simulate_fleet,
+                fleet: args.fleet.clone(),
+            });
+            runtime()?.block_on(async {
+                depot::run(config, simulation, shutdown::on_signals()?).await
+            })?;
             Ok(0)
         }
         Command::Cloud(args) => {
@@ -98,6 +104,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Vehicle(VehicleCommand::Pull(args)) => {
             runtime()?.block_on(ota_cli::vehicle_pull(args))
+        }
+        Command::Sim(args) => {
+            logging::init(&atlasmesh::config::LogConfig::default())?;
+            runtime()?.block_on(async { sim_cli::run(args, shutdown::on_signals()?).await })
         }
     }
 }

@@ -378,3 +378,79 @@ fn broker_restart_loses_no_registry_state_and_the_depot_resubscribes() {
     let logs = link.depot.server.logs().join("\n");
     assert!(logs.contains("vehicle broker connection lost"), "{logs}");
 }
+
+#[test]
+fn five_hundred_simulated_vehicles_for_a_minute_and_the_registry_matches() {
+    let link = Link::start(false);
+    let report = link.depot.server.data_dir.with_file_name("sim-report.json");
+    let (status, _stdout, stderr) = atlasmesh_tests::run(
+        atlasmesh_tests::atlasmesh()
+            .args(["sim", "--depot", &link.depot.url("/"), "--vehicles", "500"])
+            .args(["--duration", "60s", "--seed", "7", "--report"])
+            .arg(&report)
+            .env("ATLASMESH_TOKEN", &link.depot.token),
+    )
+    .unwrap();
+    assert!(status.success(), "simulator failed: {stderr}");
+    let finals: Vec<Value> = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(finals.len(), 500);
+    for f in &finals {
+        assert_eq!(f["errors"], json!([]), "{f}");
+    }
+    let docked = finals.iter().filter(|f| f["docked"] == true).count();
+    assert!(
+        docked > 100,
+        "only {docked} of 500 docked: the schedule did not run"
+    );
+
+    // Every message was acknowledged before the simulator disconnected; the registry has
+    // applied them all once its writer has drained.
+    let mut mismatches = Vec::new();
+    wait_for("the registry matches what the vehicles sent", || {
+        let vehicles = link.depot.get("/api/v1/vehicles").unwrap();
+        let by_id: std::collections::HashMap<&str, &Value> = vehicles["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["id"].as_str().unwrap(), v))
+            .collect();
+        mismatches = finals
+            .iter()
+            .filter(|f| {
+                let v = by_id[f["id"].as_str().unwrap()];
+                v["docked"] != f["docked"]
+                    || v["bay"] != f["bay"]
+                    || v["soc_percent"] != f["soc_percent"]
+                    || v["plugged_in"] != f["plugged_in"]
+                    || v["installed_version"] != f["installed_version"]
+            })
+            .map(|f| f["id"].as_str().unwrap().to_owned())
+            .collect();
+        mismatches.is_empty()
+    });
+    assert!(mismatches.is_empty());
+    // Nothing was dropped along the way.
+    let text = http()
+        .get(link.depot.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("atlasmesh_vehicle_messages_total"))
+    {
+        assert!(
+            line.contains("result=\"applied\"") || line.contains("result=\"stale\""),
+            "{line}"
+        );
+    }
+    let bays = link.depot.get("/api/v1/bays").unwrap();
+    let occupied = bays["bays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| !b["vehicle"].is_null())
+        .count();
+    assert_eq!(occupied, docked);
+}

@@ -1,13 +1,14 @@
 //! # atlasmesh-vehicle-link
 //!
-//! Owns the vehicle's side of the depot: the reference vehicle OTA client ([`ota`]), which
-//! tests use and the fleet simulator will, and the MQTT wire format ([`wire`]: topics and
-//! payloads, parsed and checked without I/O). The depot side of the link, the embedded broker
-//! and the simulator arrive with the rest of the vehicle-link work.
+//! Owns the vehicle's side of the depot: the reference vehicle OTA client ([`ota`]), the MQTT
+//! wire format ([`wire`]: topics, payloads and the topic ACL, checked without I/O), the fleet
+//! simulator ([`sim`]) and the front of the embedded broker that enforces the ACL
+//! ([`front`]). The depot's client, registry and broker wiring are in the appliance crate.
 //!
 //! Must not: trust a byte before verifying it (metadata by TUF, chunks and images by hash), or
 //! let one vehicle act on another's assignment.
 
 pub mod front;
 pub mod ota;
+pub mod sim;
 pub mod wire;

@@ -1,0 +1,470 @@
+//! The fleet simulator: vehicles that dock and leave on a schedule, charge while plugged in,
+//! have departure times, report state and health over MQTT, and pull real OTA through the
+//! reference client ([`crate::ota`]) when the depot tells them to, with a configurable failure
+//! rate per version for canary demonstrations.
+//!
+//! Everything a vehicle does follows from the seed, so a run can be repeated. A simulated
+//! vehicle trusts the fleet root its depot serves on first use (a real vehicle is provisioned
+//! with it at the factory).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::ota::{self, Outcome, PullConfig};
+use crate::wire::{
+    Dock, Health, HealthStatus, Link, OtaCommand, OtaOutcome, OtaPhase, OtaReport, Slot, State,
+    Topics, Upward,
+};
+
+/// A vehicle's login at the broker.
+#[derive(Debug, Clone)]
+pub struct SimVehicle {
+    pub id: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub topics: Topics,
+    pub broker_host: String,
+    pub broker_port: u16,
+    /// The depot's vehicle-facing base URL (OTA pulls).
+    pub depot_url: Url,
+    pub vehicles: Vec<SimVehicle>,
+    pub seed: u64,
+    /// One simulated second lasts this long (smaller runs the day faster).
+    pub second: Duration,
+    /// Probability that installing a version fails, by version; others never fail.
+    pub failure_rates: HashMap<String, f64>,
+    /// Per-vehicle OTA state and slots live below.
+    pub state_dir: PathBuf,
+    pub hardware_id: String,
+    pub initial_version: String,
+}
+
+/// What a vehicle last told the depot, for comparing with the registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Final {
+    pub id: String,
+    pub docked: bool,
+    pub bay: Option<String>,
+    pub soc_percent: Option<f64>,
+    pub plugged_in: Option<bool>,
+    pub installed_version: Option<String>,
+    pub messages: u64,
+    pub errors: Vec<String>,
+}
+
+/// Runs the fleet until `shutdown`; returns each vehicle's last report.
+pub async fn run(config: SimConfig, shutdown: CancellationToken) -> Vec<Final> {
+    let config = Arc::new(config);
+    let mut tasks = Vec::with_capacity(config.vehicles.len());
+    for (index, vehicle) in config.vehicles.iter().enumerate() {
+        let config = config.clone();
+        let vehicle = vehicle.clone();
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            run_vehicle(config, index, vehicle, shutdown).await
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match task.await {
+            Ok(f) => out.push(f),
+            Err(e) => tracing::error!(error = %e, "a simulated vehicle's task failed"),
+        }
+    }
+    out
+}
+
+/// The simulated vehicle's own state.
+struct Car {
+    id: String,
+    rng: StdRng,
+    docked: bool,
+    bay: String,
+    soc: f64,
+    battery_kwh: f64,
+    version: String,
+    slot: Slot,
+    /// Seconds until it leaves (docked) or returns (away).
+    countdown: u32,
+    clock: u64,
+    busy: bool,
+}
+
+impl Car {
+    fn new(index: usize, id: &str, config: &SimConfig) -> Car {
+        let mut rng =
+            StdRng::seed_from_u64(config.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        // Most vehicles start in the depot, so a fresh panel has something to show.
+        let docked = rng.random_bool(0.8);
+        let countdown = if docked {
+            rng.random_range(60..240)
+        } else {
+            rng.random_range(20..90)
+        };
+        Car {
+            id: id.to_owned(),
+            soc: rng.random_range(15.0..90.0),
+            battery_kwh: [60.0, 75.0, 82.5, 100.0][rng.random_range(0..4)],
+            docked,
+            bay: format!("bay-{}", index + 1),
+            version: config.initial_version.clone(),
+            slot: Slot::A,
+            countdown,
+            clock: 0,
+            busy: false,
+            rng,
+        }
+    }
+
+    fn plugged(&self) -> bool {
+        self.docked && self.soc < 100.0
+    }
+
+    /// One simulated second; true when the vehicle docked or left.
+    fn step(&mut self) -> bool {
+        self.clock += 1;
+        if self.plugged() {
+            self.soc = (self.soc + 0.4).min(100.0);
+        } else if !self.docked {
+            self.soc = (self.soc - 0.15).max(5.0);
+        }
+        self.countdown = self.countdown.saturating_sub(1);
+        if self.countdown == 0 && !self.busy {
+            self.docked = !self.docked;
+            self.countdown = if self.docked {
+                self.rng.random_range(60..240)
+            } else {
+                self.rng.random_range(20..90)
+            };
+            return true;
+        }
+        false
+    }
+
+    fn dock(&self) -> Dock {
+        Dock {
+            docked: self.docked,
+            bay: self.docked.then(|| self.bay.clone()),
+            ts_ms: now_ms(),
+        }
+    }
+
+    fn state(&self, second: Duration) -> State {
+        let departure = self
+            .docked
+            .then(|| now_ms() + (second.as_millis() as i64) * i64::from(self.countdown));
+        State {
+            soc_percent: (self.soc * 10.0).round() / 10.0,
+            battery_kwh: self.battery_kwh,
+            plugged_in: self.plugged(),
+            departure_ms: departure,
+            installed_version: self.version.clone(),
+            slot: self.slot,
+            free_bytes: 8 << 30,
+            ts_ms: now_ms(),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What an OTA task tells its vehicle when it ends.
+struct Installed {
+    version: String,
+    ok: bool,
+}
+
+async fn run_vehicle(
+    config: Arc<SimConfig>,
+    index: usize,
+    vehicle: SimVehicle,
+    shutdown: CancellationToken,
+) -> Final {
+    let topics = &config.topics;
+    let mut car = Car::new(index, &vehicle.id, &config);
+    let mut errors = Vec::new();
+    let mut messages = 0u64;
+    let mut options = MqttOptions::new(&vehicle.id, &config.broker_host, config.broker_port);
+    options
+        .set_credentials(&vehicle.id, &vehicle.password)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_last_will(LastWill::new(
+            topics.upward(&vehicle.id, Upward::Link),
+            serde_json::to_vec(&Link { online: false }).unwrap_or_default(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    let (client, eventloop) = AsyncClient::new(options, 64);
+    // The event loop runs in its own task: cancelling `poll` (as a `select!` beside a timer
+    // would) in the middle of connecting drops the half-open connection.
+    let (events_tx, mut events) = mpsc::channel(64);
+    let poller = tokio::spawn(poll_events(eventloop, events_tx));
+    let publish = |kind: Upward, payload: Vec<u8>, retain: bool| {
+        let client = client.clone();
+        let topic = topics.upward(&vehicle.id, kind);
+        async move {
+            client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .await
+        }
+    };
+    let (ota_tx, mut ota_rx) = mpsc::channel::<Installed>(4);
+    // Spread the fleet's reports over the reporting period instead of a burst every 5 s.
+    let mut tick = tokio::time::interval(config.second);
+    let offset = (index % 5) as u64;
+    let mut connected_once = false;
+    // What the depot was last told, for the final report.
+    let mut last_state: Option<State> = None;
+    let mut last_dock: Option<Dock> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = events.recv() => match event.unwrap_or(Err(rumqttc::ConnectionError::RequestsDone)) {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe(topics.downward_filter(&vehicle.id), QoS::AtLeastOnce).await;
+                    let link = serde_json::to_vec(&Link { online: true }).unwrap_or_default();
+                    let _ = publish(Upward::Link, link, true).await;
+                    let dock = serde_json::to_vec(last_dock.insert(car.dock())).unwrap_or_default();
+                    let _ = publish(Upward::Dock, dock, true).await;
+                    let state = car.state(config.second);
+                    let state = serde_json::to_vec(last_state.insert(state)).unwrap_or_default();
+                    let _ = publish(Upward::State, state, false).await;
+                    messages += 3;
+                    connected_once = true;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(command) = serde_json::from_slice::<OtaCommand>(&p.payload) else {
+                        continue;
+                    };
+                    if p.topic.ends_with("/cmd/ota") && car.docked && !car.busy && command.version != car.version {
+                        car.busy = true;
+                        let fails = config.failure_rates.get(&command.version).copied().unwrap_or(0.0);
+                        let fail = car.rng.random_bool(fails.clamp(0.0, 1.0));
+                        tokio::spawn(install(config.clone(), vehicle.id.clone(), client.clone(), command, car.version.clone(), fail, ota_tx.clone()));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected_once {
+                        errors.push(format!("connection: {e}"));
+                    } else if errors.is_empty() {
+                        errors.push(format!("cannot connect: {e}"));
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                if !connected_once {
+                    continue;
+                }
+                if car.step() {
+                    let dock = serde_json::to_vec(last_dock.insert(car.dock())).unwrap_or_default();
+                    let _ = publish(Upward::Dock, dock, true).await;
+                    messages += 1;
+                }
+                if car.clock % 5 == offset {
+                    let state = car.state(config.second);
+                    let state = serde_json::to_vec(last_state.insert(state)).unwrap_or_default();
+                    let _ = publish(Upward::State, state, false).await;
+                    messages += 1;
+                }
+                if car.clock % 30 == offset {
+                    let health = Health { status: HealthStatus::Ok, faults: vec![], ts_ms: now_ms() };
+                    let _ = publish(Upward::Health, serde_json::to_vec(&health).unwrap_or_default(), false).await;
+                    messages += 1;
+                }
+            }
+            Some(done) = ota_rx.recv() => {
+                car.busy = false;
+                if done.ok {
+                    car.version = done.version;
+                    car.slot = match car.slot { Slot::A => Slot::B, Slot::B => Slot::A };
+                    let state = car.state(config.second);
+                    let state = serde_json::to_vec(last_state.insert(state)).unwrap_or_default();
+                    let _ = publish(Upward::State, state, false).await;
+                    messages += 1;
+                }
+            }
+        }
+    }
+    // Say goodbye properly: what was published is flushed before the DISCONNECT.
+    let _ = client.disconnect().await;
+    drop(events);
+    if tokio::time::timeout(Duration::from_secs(5), poller)
+        .await
+        .is_err()
+    {
+        errors.push("could not flush and disconnect within 5 s".into());
+    }
+    Final {
+        id: car.id,
+        docked: last_dock.as_ref().is_some_and(|d| d.docked),
+        bay: last_dock.and_then(|d| d.bay),
+        soc_percent: last_state.as_ref().map(|s| s.soc_percent),
+        plugged_in: last_state.as_ref().map(|s| s.plugged_in),
+        installed_version: last_state.map(|s| s.installed_version),
+        messages,
+        errors,
+    }
+}
+
+/// Drives the MQTT connection, handing events to the vehicle; retries a lost connection every
+/// second. Ends after the DISCONNECT is sent (everything queued before it went out first).
+async fn poll_events(
+    mut eventloop: rumqttc::EventLoop,
+    events: mpsc::Sender<Result<Event, rumqttc::ConnectionError>>,
+) {
+    loop {
+        let event = eventloop.poll().await;
+        let failed = event.is_err();
+        if let Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) = event {
+            return;
+        }
+        // The vehicle may have stopped listening while flushing; keep driving the connection.
+        let _ = events.send(event).await;
+        if failed {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Pulls `command.version` through the reference client and reports each phase.
+async fn install(
+    config: Arc<SimConfig>,
+    vehicle: String,
+    client: AsyncClient,
+    command: OtaCommand,
+    current: String,
+    fail: bool,
+    done: mpsc::Sender<Installed>,
+) {
+    let topic = config.topics.upward(&vehicle, Upward::Ota);
+    let report = |phase, outcome, error: Option<String>| {
+        let client = client.clone();
+        let topic = topic.clone();
+        let version = command.version.clone();
+        async move {
+            let r = OtaReport {
+                version,
+                phase,
+                outcome,
+                bytes_done: None,
+                bytes_total: None,
+                error,
+                ts_ms: now_ms(),
+            };
+            let _ = client
+                .publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&r).unwrap_or_default(),
+                )
+                .await;
+        }
+    };
+    report(OtaPhase::Download, OtaOutcome::Started, None).await;
+    let dir = config.state_dir.join(&vehicle);
+    let pulled = match fetch_root(&config.depot_url, &dir).await {
+        Ok(()) => ota::pull(&PullConfig {
+            depot: config.depot_url.clone(),
+            vehicle_id: vehicle.clone(),
+            state_dir: dir.clone(),
+            slot: dir.join("inactive-slot.img"),
+            current: None,
+            hardware_id: Some(config.hardware_id.clone()),
+            installed_version: Some(current),
+            expected_depot: None,
+            concurrency: 4,
+            stop_after_chunks: None,
+        })
+        .await
+        .map_err(|e| format!("{}: {e}", e.code())),
+        Err(e) => Err(e),
+    };
+    let ok = match pulled {
+        Ok(r)
+            if matches!(
+                r.outcome,
+                Outcome::Written { .. } | Outcome::UpToDate { .. }
+            ) =>
+        {
+            report(OtaPhase::Download, OtaOutcome::Succeeded, None).await;
+            report(OtaPhase::Install, OtaOutcome::Started, None).await;
+            if fail {
+                report(
+                    OtaPhase::Install,
+                    OtaOutcome::Failed,
+                    Some("simulated install failure".into()),
+                )
+                .await;
+                false
+            } else {
+                report(OtaPhase::Install, OtaOutcome::Succeeded, None).await;
+                report(OtaPhase::Boot, OtaOutcome::Succeeded, None).await;
+                report(OtaPhase::Health, OtaOutcome::Succeeded, None).await;
+                true
+            }
+        }
+        Ok(r) => {
+            report(
+                OtaPhase::Download,
+                OtaOutcome::Failed,
+                Some(format!("nothing to install: {:?}", r.outcome)),
+            )
+            .await;
+            false
+        }
+        Err(e) => {
+            report(OtaPhase::Download, OtaOutcome::Failed, Some(e)).await;
+            false
+        }
+    };
+    let _ = done
+        .send(Installed {
+            version: command.version,
+            ok,
+        })
+        .await;
+}
+
+/// Trust on first use: a simulated vehicle takes the fleet root its depot serves.
+async fn fetch_root(depot: &Url, dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join("fleet-root.json");
+    if path.exists() {
+        return Ok(());
+    }
+    let url = depot
+        .join("tuf/image/metadata/1.root.json")
+        .map_err(|e| e.to_string())?;
+    let body = reqwest::get(url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("fetching the fleet root: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("fetching the fleet root: {e}"))?;
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::fs::write(&path, &body)
+        .await
+        .map_err(|e| e.to_string())
+}
