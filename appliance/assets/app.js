@@ -137,6 +137,42 @@
     }
   }
 
+  // Bays and vehicles: the depot sends the board and the changed vehicles at most once a second.
+  const esc = (t) => String(t == null ? "" : t).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+  const soc = (v) => (v == null ? "—" : `${v.toFixed(0)} %`);
+  const when = (ms) => (ms == null ? "—" : new Date(ms).toISOString().slice(0, 16).replace("T", " ") + " UTC");
+  function onBays(bays) {
+    const board = document.querySelector("[data-bay-board]");
+    if (!board) return;
+    board.innerHTML = bays.map((b) => `<div class="bay" data-state="${b.vehicle ? "occupied" : "free"}"><div class="bay-name">${esc(b.bay)}</div>` +
+      (b.vehicle ? `<div class="bay-vehicle"><a href="/vehicles#${esc(b.vehicle)}">${esc(b.vehicle)}</a></div><div class="muted">${soc(b.soc_percent)}${b.plugged_in ? " · charging" : ""}${b.online === false ? " · offline" : ""}</div>`
+        : `<div class="muted">free</div>`) + "</div>").join("");
+    const empty = document.querySelector("[data-bay-board-empty]");
+    if (empty && bays.length) empty.remove();
+    set("bay-summary", `${bays.filter((b) => b.vehicle).length} of ${bays.length} bays occupied`);
+  }
+  function onVehicles(vehicles) {
+    const body = document.querySelector("[data-vehicles]");
+    if (!body) return;
+    for (const v of vehicles) {
+      const row = body.querySelector(`[data-vehicle="${CSS.escape(v.id)}"]`);
+      if (!row) continue;
+      const target = v.assigned_version && v.assigned_version !== v.installed_version ? ` <span class="muted">→ ${esc(v.assigned_version)}</span>` : "";
+      const cells = [
+        `<code>${esc(v.id)}</code>`,
+        v.docked ? esc(v.bay || "docked") : `<span class="muted">away</span>`,
+        v.online ? `<span class="pill ok">online</span>` : `<span class="pill idle">offline</span>`,
+        soc(v.soc_percent) + (v.plugged_in ? " · plugged in" : ""),
+        when(v.departure_ms),
+        esc(v.installed_version || "—") + target,
+        v.ota ? esc(`${v.ota.version} ${v.ota.phase} ${v.ota.outcome}`) : `<span class="muted">—</span>`,
+        esc(v.health || "—"),
+        when(v.last_seen_at),
+      ];
+      row.innerHTML = cells.map((c) => `<td>${c}</td>`).join("");
+    }
+  }
+
   function connect() {
     const indicator = document.querySelector("[data-live-indicator]");
     if (!indicator || !window.EventSource) return;
@@ -145,6 +181,8 @@
     source.addEventListener("error", () => { indicator.dataset.state = "lost"; indicator.textContent = "reconnecting"; });
     source.addEventListener("system", (e) => onSystem(JSON.parse(e.data)));
     source.addEventListener("staging", (e) => onStaging(JSON.parse(e.data)));
+    source.addEventListener("bays", (e) => onBays(JSON.parse(e.data)));
+    source.addEventListener("vehicles", (e) => onVehicles(JSON.parse(e.data)));
     // Other sections register their own handlers on this hook.
     window.atlasmesh = { source };
   }

@@ -282,3 +282,76 @@ async fn technician_signs_in_and_sees_the_live_overview() {
     drop(depot);
     result.expect("browser session");
 }
+
+/// README's run command (`atlasmesh depot --simulate-fleet N`): a newcomer sees docked
+/// vehicles on the panel within a minute, and the Vehicles page updates by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_fleet_shows_docked_vehicles_on_the_panel() {
+    let depot = tokio::task::spawn_blocking(|| {
+        Server::start(atlasmesh_tests::Options {
+            args: vec!["--simulate-fleet".into(), "12".into()],
+            ..Default::default()
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let password = depot.admin_password();
+    let driver = tokio::task::spawn_blocking(start_chromedriver)
+        .await
+        .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities(profile.path()))
+        .connect(&driver.url)
+        .await
+        .expect("connecting to chromedriver");
+    let started = Instant::now();
+    let result = async {
+        sign_in(&client, &depot, &password).await?;
+        client
+            .wait()
+            .at_most(Duration::from_secs(60))
+            .for_element(Locator::Css("[data-bay-board] .bay[data-state=occupied]"))
+            .await?;
+        assert!(started.elapsed() < Duration::from_secs(60));
+        let board = client
+            .find(Locator::Css("[data-bay-board]"))
+            .await?
+            .text()
+            .await?;
+        assert!(board.contains("sim-"), "bay board:\n{board}");
+        let png = client.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-bays.png"), &png).expect("screenshot");
+
+        client.goto(&depot.url("/vehicles")).await?;
+        let heading = client.wait().for_element(Locator::Css("main h1")).await?;
+        assert_eq!(heading.text().await?, "Vehicles");
+        let rows = client
+            .find_all(Locator::Css("tbody[data-vehicles] tr"))
+            .await?;
+        assert_eq!(rows.len(), 12);
+        // Live: the table changes without a reload as vehicles report (every 5 s each).
+        let table = client.find(Locator::Css("tbody[data-vehicles]")).await?;
+        let before = table.text().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if table.text().await? != before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Vehicles page did not update live"
+            );
+        }
+        let png = client.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-vehicles.png"), &png).expect("screenshot");
+        Ok::<_, fantoccini::error::CmdError>(())
+    }
+    .await;
+    client.close().await.ok();
+    drop(driver);
+    drop(depot);
+    result.expect("browser session");
+}

@@ -43,10 +43,7 @@ pub fn router() -> Router<AppState> {
             "/rollouts",
             get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Rollouts)),
         )
-        .route(
-            "/vehicles",
-            get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Vehicles)),
-        )
+        .route("/vehicles", get(pages::vehicles))
         .route(
             "/charging",
             get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Charging)),

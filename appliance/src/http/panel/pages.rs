@@ -162,7 +162,47 @@ fn meter(value_pct: f64, live: &str) -> Markup {
     }
 }
 
+/// One bay tile; app.js renders the same markup from the live `bays` event.
+fn bay_tile(b: &crate::link::db::BayView) -> Markup {
+    html! {
+        div.bay data-state=(if b.vehicle.is_some() { "occupied" } else { "free" }) {
+            div.bay-name { (b.bay) }
+            @if let Some(v) = &b.vehicle {
+                div.bay-vehicle { a href=(format!("/vehicles#{v}")) { (v) } }
+                div.muted {
+                    (b.soc_percent.map(|s| format!("{s:.0} %")).unwrap_or_else(|| "—".into()))
+                    @if b.plugged_in == Some(true) { " · charging" }
+                    @if b.online == Some(false) { " · offline" }
+                }
+            } @else {
+                div.muted { "free" }
+            }
+        }
+    }
+}
+
+fn bay_board(bays: &[crate::link::db::BayView]) -> Markup {
+    let occupied = bays.iter().filter(|b| b.vehicle.is_some()).count();
+    html! {
+        section.card.wide {
+            h2 { "Bays" }
+            p.muted data-live="bay-summary" { (occupied) " of " (bays.len()) " bays occupied" }
+            @if bays.is_empty() {
+                p.muted data-bay-board-empty { "No vehicle has docked at this depot yet." }
+            }
+            div.bays data-bay-board {
+                @for b in bays { (bay_tile(b)) }
+            }
+        }
+    }
+}
+
 pub async fn overview(user: PanelUser, State(app): State<AppState>) -> Markup {
+    let bays = app
+        .store
+        .read(crate::link::db::bays)
+        .await
+        .unwrap_or_default();
     let snap: SystemSnapshot = app.core.system.borrow().clone();
     let mem_pct = percent(snap.memory_used_bytes, snap.memory_total_bytes);
     let content = html! {
@@ -211,6 +251,7 @@ pub async fn overview(user: PanelUser, State(app): State<AppState>) -> Markup {
                 }
             }
         }
+        (bay_board(&bays))
         section.card.wide {
             h2 { "Depot components" }
             p.muted { "What this depot runs today. Sections arrive as their work lands; none shows data it does not have." }
@@ -218,8 +259,13 @@ pub async fn overview(user: PanelUser, State(app): State<AppState>) -> Markup {
                 tbody {
                     tr { td { "Store" } td { span.pill.ok { "running" } } td.muted { "SQLite, WAL, synchronous=FULL" } }
                     tr { td { "Panel and API" } td { span.pill.ok { "running" } } td.muted { "roles, audit, live updates" } }
-                    tr { td { "Image cache (OTA)" } td { span.pill.idle { "not yet" } } td.muted { "arrives with OTA staging" } }
-                    tr { td { "Vehicle link (MQTT)" } td { span.pill.idle { "not yet" } } td.muted { "arrives with the vehicle link" } }
+                    tr { td { "Image cache (OTA)" } td { span.pill.ok { "running" } } td.muted { "TUF image and director repositories, chunk store" } }
+                    tr { td { "Vehicle link (MQTT)" } td { span.pill.ok { "running" } } td.muted {
+                        @match &app.link.broker {
+                            crate::link::BrokerInfo::Embedded { listen } => { "embedded broker on " code { (listen) } }
+                            crate::link::BrokerInfo::External { url } => { "external broker " code { (url) } }
+                        }
+                    } }
                     tr { td { "Canary controller" } td { span.pill.idle { "not yet" } } td.muted { "arrives with canary waves" } }
                     tr { td { "Charging optimizer" } td { span.pill.idle { "not yet" } } td.muted { "arrives with charging" } }
                     tr { td { "Disk health (SMART)" } td { span.pill.idle { "not yet" } } td.muted { "arrives with disk health" } }
@@ -438,6 +484,58 @@ pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
         noscript { p.muted { "Viewing works without JavaScript; staging, validating and assigning need it." } }
     };
     layout(&app, &user, PageKind::Ota, content).into_response()
+}
+
+/// Every registered vehicle: where it is, its charge, software and OTA progress.
+pub async fn vehicles(user: PanelUser, State(app): State<AppState>) -> Response {
+    let vehicles = match app.store.read(crate::link::db::list).await {
+        Ok(v) => v,
+        Err(e) => return super::super::error::ApiError::internal(e).into_response(),
+    };
+    let docked = vehicles.iter().filter(|v| v.docked).count();
+    let online = vehicles.iter().filter(|v| v.online).count();
+    let content = html! {
+        section.card.wide {
+            h2 { "Vehicles" }
+            p.muted { (vehicles.len()) " registered · " (docked) " docked · " (online) " online. Updated live." }
+            @if vehicles.is_empty() {
+                p { "No vehicles yet. Register one with " code { "POST /api/v1/vehicles" } " (technician), or run a simulated fleet: " code { "atlasmesh depot --simulate-fleet 20" } "." }
+            } @else {
+                table.data {
+                    thead { tr {
+                        th { "Vehicle" } th { "Bay" } th { "Link" } th { "Charge" } th { "Departure" }
+                        th { "Version" } th { "OTA" } th { "Health" } th { "Last seen" }
+                    } }
+                    tbody data-vehicles {
+                        @for v in &vehicles { (vehicle_row(v)) }
+                    }
+                }
+            }
+        }
+    };
+    layout(&app, &user, PageKind::Vehicles, content).into_response()
+}
+
+fn vehicle_row(v: &crate::link::db::VehicleView) -> Markup {
+    html! {
+        tr id=(v.id) data-vehicle=(v.id) {
+            td { code { (v.id) } }
+            td { @if v.docked { (v.bay.as_deref().unwrap_or("docked")) } @else { span.muted { "away" } } }
+            td { @if v.online { span.pill.ok { "online" } } @else { span.pill.idle { "offline" } } }
+            td {
+                (v.soc_percent.map(|s| format!("{s:.0} %")).unwrap_or_else(|| "—".into()))
+                @if v.plugged_in == Some(true) { " · plugged in" }
+            }
+            td { (when(v.departure_ms)) }
+            td {
+                (v.installed_version.as_deref().unwrap_or("—"))
+                @if let Some(a) = &v.assigned_version { @if Some(a.as_str()) != v.installed_version.as_deref() { span.muted { " → " (a) } } }
+            }
+            td { @if let Some(o) = &v.ota { (o.version) " " (o.phase) " " (o.outcome) } @else { span.muted { "—" } } }
+            td { (v.health.as_deref().unwrap_or("—")) }
+            td { (when(v.last_seen_at)) }
+        }
+    }
 }
 
 /// Sections whose subsystem has not been built yet say so plainly.
