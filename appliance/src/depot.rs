@@ -301,36 +301,29 @@ async fn spawn_simulation(
     simulation: Simulation,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    // In-process vehicles reach the depot on loopback when it listens on every address.
+    let local = |addr: std::net::SocketAddr| {
+        if addr.ip().is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        } else {
+            addr
+        }
+    };
     let (host, port) = match &app.link.broker {
         crate::link::BrokerInfo::Embedded { listen } => {
-            let ip = if listen.ip().is_unspecified() {
-                std::net::IpAddr::from([127, 0, 0, 1])
-            } else {
-                listen.ip()
-            };
-            (ip.to_string(), listen.port())
+            let listen = local(*listen);
+            (listen.ip().to_string(), listen.port())
         }
         crate::link::BrokerInfo::External { url } => {
-            let u = url::Url::parse(url)?;
             tracing::warn!(
                 "simulated vehicles need logins at the external broker; register them there as well"
             );
-            (
-                u.host_str().unwrap_or("127.0.0.1").to_owned(),
-                u.port().unwrap_or(1883),
-            )
+            let (_, host, port) = crate::link::broker_address("vehicle_link.broker_url", url)?;
+            (host, port)
         }
     };
-    let http_ip = if http_addr.ip().is_unspecified() {
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        http_addr.ip()
-    };
     let scheme = if tls { "https" } else { "http" };
-    let depot_url = url::Url::parse(&format!(
-        "{scheme}://{}/",
-        std::net::SocketAddr::new(http_ip, http_addr.port())
-    ))?;
+    let depot_url = url::Url::parse(&format!("{scheme}://{}/", local(http_addr)))?;
     let now = unix_ms(app.clock.now());
     let vehicles = crate::sim_cli::provision_local(
         &app.store,

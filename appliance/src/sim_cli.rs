@@ -99,11 +99,8 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         .to_owned();
     let (broker_host, broker_port) = match &args.mqtt {
         Some(url) => {
-            let u = Url::parse(url).with_context(|| format!("--mqtt {url}"))?;
-            (
-                u.host_str().context("--mqtt has no host")?.to_owned(),
-                u.port().unwrap_or(1883),
-            )
+            let (_, host, port) = crate::link::broker_address("--mqtt", url)?;
+            (host, port)
         }
         None => {
             let link = get("/api/v1/vehicle-link").await?;

@@ -61,6 +61,22 @@ fn capabilities(profile: &std::path::Path) -> serde_json::Map<String, serde_json
     caps
 }
 
+/// chromedriver and a headless chromium session on a fresh profile (kept while the session
+/// lives).
+async fn open_browser() -> (Driver, tempfile::TempDir, fantoccini::Client) {
+    let driver = tokio::task::spawn_blocking(start_chromedriver)
+        .await
+        .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    // chromedriver listens on loopback in plain HTTP; no TLS stack is needed to reach it.
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities(profile.path()))
+        .connect(&driver.url)
+        .await
+        .expect("connecting to chromedriver");
+    (driver, profile, client)
+}
+
 async fn sign_in(
     client: &fantoccini::Client,
     depot: &Server,
@@ -105,15 +121,7 @@ async fn technician_stages_and_validates_an_image_in_the_panel() {
     .await
     .unwrap();
     let password = depot.server.admin_password();
-    let driver = tokio::task::spawn_blocking(start_chromedriver)
-        .await
-        .unwrap();
-    let profile = tempfile::tempdir().unwrap();
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities(profile.path()))
-        .connect(&driver.url)
-        .await
-        .expect("connecting to chromedriver");
+    let (driver, _profile, client) = open_browser().await;
     let result = async {
         sign_in(&client, &depot.server, &password).await?;
         client.goto(&depot.server.url("/ota")).await?;
@@ -176,30 +184,7 @@ async fn technician_stages_and_validates_an_image_in_the_panel() {
 async fn technician_signs_in_and_sees_the_live_overview() {
     let depot = tokio::task::spawn_blocking(Server::depot).await.unwrap();
     let password = depot.admin_password();
-    let driver = tokio::task::spawn_blocking(start_chromedriver)
-        .await
-        .unwrap();
-    let profile = tempfile::tempdir().unwrap();
-
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({
-            "binary": CHROMIUM,
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1366,900",
-                format!("--user-data-dir={}", profile.path().display()),
-            ],
-        }),
-    );
-    // chromedriver listens on loopback in plain HTTP; no TLS stack is needed to reach it.
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&driver.url)
-        .await
-        .expect("connecting to chromedriver");
+    let (driver, _profile, client) = open_browser().await;
 
     let result = async {
         // Not signed in: the panel sends us to the sign-in page.
@@ -297,15 +282,7 @@ async fn simulated_fleet_shows_docked_vehicles_on_the_panel() {
     .await
     .unwrap();
     let password = depot.admin_password();
-    let driver = tokio::task::spawn_blocking(start_chromedriver)
-        .await
-        .unwrap();
-    let profile = tempfile::tempdir().unwrap();
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities(profile.path()))
-        .connect(&driver.url)
-        .await
-        .expect("connecting to chromedriver");
+    let (driver, _profile, client) = open_browser().await;
     let started = Instant::now();
     let result = async {
         sign_in(&client, &depot, &password).await?;

@@ -596,25 +596,31 @@ fn message_ts(message: &Message) -> Option<i64> {
 /// A user name and password.
 type Login = (String, String);
 
+/// The URL, host and port of a broker URL (`mqtt://host[:port]`, port 1883 by default);
+/// `what` names where the URL came from, for the error.
+pub fn broker_address(what: &str, url: &str) -> anyhow::Result<(url::Url, String, u16)> {
+    let parsed = url::Url::parse(url).with_context(|| format!("{what} {url:?}"))?;
+    if !matches!(parsed.scheme(), "mqtt" | "tcp") {
+        anyhow::bail!(
+            "{what}: scheme {:?} is not served; use mqtt://host:port",
+            parsed.scheme()
+        );
+    }
+    let host = parsed
+        .host_str()
+        .with_context(|| format!("{what} has no host"))?
+        .to_owned();
+    let port = parsed.port().unwrap_or(1883);
+    Ok((parsed, host, port))
+}
+
 /// Host, port and login of an external broker URL (`mqtt://[user[:password]@]host[:port]`);
 /// `username` and `password_file` in the configuration win over the URL's.
 fn external_broker(
     config: &VehicleLinkConfig,
     url: &str,
 ) -> anyhow::Result<(String, u16, Option<Login>)> {
-    let parsed =
-        url::Url::parse(url).with_context(|| format!("vehicle_link.broker_url {url:?}"))?;
-    if !matches!(parsed.scheme(), "mqtt" | "tcp") {
-        anyhow::bail!(
-            "vehicle_link.broker_url: scheme {:?} is not served; use mqtt://host:port",
-            parsed.scheme()
-        );
-    }
-    let host = parsed
-        .host_str()
-        .context("vehicle_link.broker_url has no host")?
-        .to_owned();
-    let port = parsed.port().unwrap_or(1883);
+    let (parsed, host, port) = broker_address("vehicle_link.broker_url", url)?;
     let user = config
         .username
         .clone()
