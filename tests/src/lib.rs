@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod bench;
 pub mod mqtt;
 pub mod ota;
 
@@ -242,6 +243,11 @@ impl Server {
         format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
+    /// The Prometheus text at `/metrics`.
+    pub fn metrics(&self) -> Result<String> {
+        Ok(http().get(self.url("/metrics")).send()?.text()?)
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }
@@ -322,6 +328,20 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// Sum of the samples of metric `name` in Prometheus text whose labels include every one of
+/// `labels` (each written as in the text: `result="applied"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|label| rest.contains(label)))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// `atlasmesh token create --data-dir DIR --role ROLE --name NAME`; returns the printed token.

@@ -12,13 +12,16 @@
 //! docs/benchmarks.md.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use atlasmesh_tests::bench::{
+    build_release, children, cpu_seconds, machine, peak_rss_kib, work_dir,
+};
+use atlasmesh_tests::metric_sum;
 use atlasmesh_tests::ota::{Fleet, OtaDepot, Vehicle, random_bytes, s};
-use atlasmesh_tests::{http, workspace_root};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -41,48 +44,6 @@ fn main() -> Result<()> {
         delta()?;
     }
     Ok(())
-}
-
-fn build_release() -> Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(workspace_root())
-        .args(["build", "--release", "--quiet", "--workspace", "--bins"])
-        .status()?;
-    if !status.success() {
-        bail!("building the release binary failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    atlasmesh_tests::use_binary(target.join("release/atlasmesh"));
-    Ok(())
-}
-
-fn sh(cmd: &str) -> String {
-    Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn machine() -> String {
-    format!(
-        "Machine: {} ({} cores), {} RAM, kernel {}, {} on `{}`; measured {}.",
-        sh("lscpu | sed -n 's/^Model name: *//p' | head -1"),
-        sh("nproc"),
-        sh("free -h | awk '/Mem:/ {print $2}'"),
-        sh("uname -r"),
-        sh("df -h --output=fstype . | tail -1"),
-        sh("df --output=source . | tail -1"),
-        sh("date -u +%Y-%m-%dT%H:%MZ"),
-    )
-}
-
-fn work_dir() -> Result<tempfile::TempDir> {
-    let base = workspace_root().join("target/bench-work");
-    std::fs::create_dir_all(&base)?;
-    Ok(tempfile::tempdir_in(base)?)
 }
 
 /// Writes `len` pseudo-random bytes to `path` without holding them all in memory.
@@ -120,40 +81,6 @@ fn add_release(fleet: &Fleet, image: &Path, version: &str) -> Result<Value> {
 
 const ROUNDS: u32 = 5;
 const SECONDS: u32 = 8;
-
-/// User plus system CPU time of processes, in seconds.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    let ticks = pids
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // Fields after the command name (which may hold spaces) start at ") ".
-            let rest = &stat[stat.rfind(") ")? + 2..];
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum::<u64>();
-    ticks as f64 / 100.0
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 struct Nginx {
     child: std::process::Child,
@@ -413,12 +340,8 @@ fn stage() -> Result<()> {
 }
 
 fn served_bytes(depot: &OtaDepot) -> Result<u64> {
-    let text = http().get(depot.url("/metrics")).send()?.text()?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("atlasmesh_ota_served_bytes_total"))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+    let text = depot.server.metrics()?;
+    Ok(metric_sum(&text, "atlasmesh_ota_served_bytes_total", &[]) as u64)
 }
 
 fn chunk_set(fleet: &Fleet, version: &str) -> Result<Vec<(String, u64)>> {
