@@ -106,20 +106,48 @@ impl Mosquitto {
 
     /// Adds or changes a user with `mosquitto_passwd` and makes a running broker reload.
     pub fn set_password(&self, user: &str, password: &str) -> Result<()> {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if !self.passwd.exists() {
-            cmd.arg("-c");
-        }
-        let status = cmd
-            .arg("-b")
-            .arg(&self.passwd)
-            .args([user, password])
+        self.set_passwords(&[(user.to_owned(), password.to_owned())])
+    }
+
+    /// Adds or changes many users with one `mosquitto_passwd -U` (each hash is slow on
+    /// purpose) and makes a running broker reload.
+    pub fn set_passwords(&self, logins: &[(String, String)]) -> Result<()> {
+        let plain = self.dir.path().join("passwd.new");
+        let lines: String = logins.iter().map(|(u, p)| format!("{u}:{p}\n")).collect();
+        std::fs::write(&plain, lines)?;
+        let status = Command::new("mosquitto_passwd")
+            .arg("-U")
+            .arg(&plain)
             .stdout(Stdio::null())
             .status()
             .context("running mosquitto_passwd")?;
         if !status.success() {
-            bail!("mosquitto_passwd failed for {user}");
+            bail!("mosquitto_passwd -U failed");
         }
+        let hashed = std::fs::read_to_string(&plain)?;
+        let existing = std::fs::read_to_string(&self.passwd).unwrap_or_default();
+        let kept = existing.lines().filter(|line| {
+            let user = line.split(':').next().unwrap_or_default();
+            !logins.iter().any(|(u, _)| u == user)
+        });
+        let mut all: Vec<&str> = kept.chain(hashed.lines()).collect();
+        all.push("");
+        std::fs::write(&self.passwd, all.join("\n"))?;
+        self.reload()
+    }
+
+    /// Lets `user` read `topic` (a filter), beside the vehicles' and the depot's rules.
+    pub fn allow_read(&self, user: &str, topic: &str) -> Result<()> {
+        use std::io::Write;
+        let mut acl = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("acl"))?;
+        writeln!(acl, "\nuser {user}\ntopic read {topic}")?;
+        self.reload()
+    }
+
+    /// SIGHUP: Mosquitto rereads its password and ACL files.
+    fn reload(&self) -> Result<()> {
         if let Some(child) = &self.child {
             Command::new("kill")
                 .args(["-HUP", &child.id().to_string()])
@@ -140,6 +168,11 @@ impl Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn dir(&self) -> &std::path::Path {

@@ -90,7 +90,9 @@ impl LinkMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = LinkMetrics {
             messages: Family::default(),
-            lag: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            // 0.5 ms to about a minute in steps of 1.5: fine enough to read a p95 off a
+            // loaded broker, wide enough for store-and-forward backlogs after a dropped link.
+            lag: Histogram::new(exponential_buckets(0.0005, 1.5, 30)),
             connected: Gauge::default(),
             reconnects: Counter::default(),
             refusals: Family::default(),
