@@ -5,8 +5,9 @@
         online and its dock (retained, QoS 1), and waits for an OTA command: prints it as JSON.
     mqtt_vehicle.py publish --port P --vehicle V --password S --topic T (--payload X | --size N)
         publishes one QoS 1 message; prints {"connected", "acked"} half a second later.
-    mqtt_vehicle.py subscribe --port P --vehicle V --password S --topic T
-        prints {"connected", "granted"}: what the broker answered a subscription.
+    mqtt_vehicle.py subscribe --port P --vehicle V --password S --topic T [--listen S]
+        prints {"connected", "granted", "messages"}: what the broker answered a subscription,
+        and the topics of what it delivered in the S seconds after (none by default).
     mqtt_vehicle.py connect --port P --vehicle V --password S [--client-id C]
         prints {"reason_code"} of the broker's CONNACK.
 """
@@ -119,18 +120,24 @@ def cmd_subscribe(args):
         answer["granted"] = [rc.value if hasattr(rc, "value") else int(rc) for rc in reason_codes]
         granted.set()
 
+    messages = []
+
+    def on_message(client, userdata, msg):
+        messages.append(msg.topic)
+
     c.on_subscribe = on_subscribe
+    c.on_message = on_message
     result = wait_connected(c, args)
     if result.get("rc") != 0:
-        print(json.dumps({"connected": False, "granted": None}))
+        print(json.dumps({"connected": False, "granted": None, "messages": []}))
         return 0
     c.subscribe(args.topic, qos=1)
     granted.wait(1.5)
-    time.sleep(0.3)
+    time.sleep(0.3 + args.listen)
     connected = not DROPPED.is_set()
     c.disconnect()
     c.loop_stop()
-    print(json.dumps({"connected": connected, "granted": answer.get("granted")}))
+    print(json.dumps({"connected": connected, "granted": answer.get("granted"), "messages": messages}))
     return 0
 
 
@@ -156,6 +163,7 @@ def main():
     p.add_argument("--payload")
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--timeout", type=float, default=20)
+    p.add_argument("--listen", type=float, default=0)
     args = p.parse_args()
     return {
         "dock": cmd_dock,

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use atlasmesh_tests::http;
 use atlasmesh_tests::mqtt::{Mosquitto, paho_vehicle};
 use atlasmesh_tests::ota::{Fleet, OtaDepot, random_bytes};
+use atlasmesh_tests::{http, metric_sum, python_peer};
 use serde_json::{Value, json};
 
 const HW: &str = "veh-gen2";
@@ -101,17 +101,15 @@ impl Link {
     }
 }
 
+/// A metric summed over its series; `name` may carry label filters: `name{a="1",b="2"}`.
 fn metric(depot: &OtaDepot, name: &str) -> f64 {
-    let text = http()
-        .get(depot.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let (name, labels) = name.split_once('{').unwrap_or((name, ""));
+    let labels: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    metric_sum(&depot.server.metrics().unwrap(), name, &labels)
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -147,9 +145,27 @@ fn docking_vehicle_hears_its_assignment(external: bool) {
         .unwrap();
     assert_eq!(staged["state"], "staged", "{staged}");
     let password = link.register("veh-1");
+    let port = link.port().to_string();
+    // veh-2 tries to listen in on veh-1's commands for the whole exchange. The embedded front
+    // refuses the subscription; Mosquitto grants it and must then deliver nothing its ACL denies.
+    let p2 = link.register("veh-2");
+    let eavesdropper = python_peer("mqtt_vehicle.py")
+        .args([
+            "subscribe",
+            "--port",
+            &port,
+            "--vehicle",
+            "veh-2",
+            "--password",
+            &p2,
+        ])
+        .args(["--topic", &link.topic("veh-1", "cmd/+"), "--listen", "6"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     link.depot.assign("veh-1", "2.0.0").unwrap();
 
-    let port = link.port().to_string();
     let heard = paho_vehicle(&[
         "dock",
         "--port",
@@ -184,6 +200,14 @@ fn docking_vehicle_hears_its_assignment(external: bool) {
     // The paho client went away without a clean goodbye? No: it disconnected cleanly, so no
     // Last Will; its retained `online: true` stands.
     assert_eq!(link.vehicle("veh-1")["online"], true);
+
+    // The depot published veh-1's command on assignment and again on docking: veh-2 heard neither.
+    let out = eavesdropper.wait_with_output().unwrap();
+    let overheard: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(overheard["messages"], json!([]), "{overheard}");
+    if !external {
+        assert_eq!(overheard["connected"], false, "{overheard}");
+    }
 }
 
 #[test]
@@ -453,4 +477,87 @@ fn five_hundred_simulated_vehicles_for_a_minute_and_the_registry_matches() {
         .filter(|b| !b["vehicle"].is_null())
         .count();
     assert_eq!(occupied, docked);
+}
+
+#[test]
+fn simulated_vehicles_pull_assigned_versions_and_report_how_it_went() {
+    let link = Link::start(false);
+    let fleet = &link._fleet;
+    for (version, seed) in [("2.0.0", 21), ("3.0.0", 31)] {
+        fleet
+            .add(HW, version, &random_bytes(400_000, seed), &[])
+            .unwrap();
+        let staged = link.depot.stage_dir(&fleet.repo, HW, version).unwrap();
+        assert_eq!(staged["state"], "staged", "{staged}");
+    }
+    link.depot.certify(fleet).unwrap();
+    // The simulator names its vehicles sim-0001...; registered and assigned beforehand, they
+    // hear their assignment as soon as they are online and docked. 3.0.0 always fails to
+    // install in this fleet.
+    for id in ["sim-0001", "sim-0002", "sim-0003", "sim-0004"] {
+        link.register(id);
+    }
+    for (id, version) in [
+        ("sim-0001", "2.0.0"),
+        ("sim-0002", "2.0.0"),
+        ("sim-0003", "3.0.0"),
+        ("sim-0004", "3.0.0"),
+    ] {
+        link.depot.assign(id, version).unwrap();
+    }
+    let report = link
+        .depot
+        .server
+        .data_dir
+        .with_file_name("sim-ota-report.json");
+    let (status, _stdout, stderr) = atlasmesh_tests::run(
+        atlasmesh_tests::atlasmesh()
+            .args(["sim", "--depot", &link.depot.url("/"), "--vehicles", "4"])
+            .args(["--duration", "30s", "--sim-second", "100ms", "--seed", "3"])
+            .args(["--sim-hardware", HW, "--sim-version", "1.0.0"])
+            .args(["--fail", "3.0.0=1", "--report"])
+            .arg(&report)
+            .env("ATLASMESH_TOKEN", &link.depot.token),
+    )
+    .unwrap();
+    assert!(status.success(), "simulator failed: {stderr}");
+    let finals: Vec<Value> = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let installed: Vec<&str> = finals
+        .iter()
+        .map(|f| f["installed_version"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        installed,
+        ["2.0.0", "2.0.0", "1.0.0", "1.0.0"],
+        "{finals:?}"
+    );
+
+    wait_for("the registry has every vehicle's last report", || {
+        let v = |id| link.vehicle(id);
+        let ok = |v: Value, version: &str, phase: &str, outcome: &str| {
+            v["ota"]["version"] == version
+                && v["ota"]["phase"] == phase
+                && v["ota"]["outcome"] == outcome
+        };
+        ok(v("sim-0001"), "2.0.0", "health", "succeeded")
+            && ok(v("sim-0002"), "2.0.0", "health", "succeeded")
+            && ok(v("sim-0003"), "3.0.0", "install", "failed")
+            && ok(v("sim-0004"), "3.0.0", "install", "failed")
+            && v("sim-0001")["installed_version"] == "2.0.0"
+            && v("sim-0003")["installed_version"] == "1.0.0"
+    });
+    assert_eq!(
+        link.vehicle("sim-0003")["ota"]["error"],
+        "simulated install failure"
+    );
+    // The successful ones really fetched the image from the depot.
+    let served = metric_sum(
+        &link.depot.server.metrics().unwrap(),
+        "atlasmesh_ota_served_bytes_total",
+        &[r#"kind="chunk""#],
+    );
+    assert!(
+        served >= 2.0 * 400_000.0,
+        "only {served} chunk bytes served"
+    );
 }
