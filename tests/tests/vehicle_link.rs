@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use atlasmesh_tests::mqtt::{Mosquitto, paho_vehicle};
 use atlasmesh_tests::ota::{Fleet, OtaDepot, random_bytes};
-use atlasmesh_tests::{http, metric_sum, python_peer};
+use atlasmesh_tests::{http, metric_sum, panel_login, python_peer};
 use serde_json::{Value, json};
 
 const HW: &str = "veh-gen2";
@@ -550,6 +550,45 @@ fn simulated_vehicles_pull_assigned_versions_and_report_how_it_went() {
         link.vehicle("sim-0003")["ota"]["error"],
         "simulated install failure"
     );
+    // The image list says who runs each image and who is told to.
+    let images = link.depot.get("/api/v1/images").unwrap();
+    let image = |version: &str| {
+        images["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["version"] == version)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        image("2.0.0")["installed_vehicles"],
+        json!(["sim-0001", "sim-0002"])
+    );
+    assert_eq!(
+        image("2.0.0")["assigned_vehicles"],
+        json!(["sim-0001", "sim-0002"])
+    );
+    assert_eq!(image("3.0.0")["installed_vehicles"], json!([]));
+    assert_eq!(
+        image("3.0.0")["assigned_vehicles"],
+        json!(["sim-0003", "sim-0004"])
+    );
+    let (panel, _) = panel_login(
+        &link.depot.server,
+        "admin",
+        &link.depot.server.admin_password(),
+    )
+    .unwrap();
+    let page = panel
+        .get(link.depot.url("/ota"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(page.contains("2 vehicles: sim-0001, sim-0002"), "{page}");
+    assert!(page.contains("2 vehicles: sim-0003, sim-0004"), "{page}");
+
     // The successful ones really fetched the image from the depot.
     let served = metric_sum(
         &link.depot.server.metrics().unwrap(),

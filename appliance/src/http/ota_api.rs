@@ -83,20 +83,30 @@ struct HardwareQuery {
     hardware: Option<String>,
 }
 
+/// A staged image as the API and the panel show it.
 #[derive(Serialize)]
-struct ImageView {
+pub struct ImageView {
     #[serde(flatten)]
-    row: db::ImageRow,
-    status: &'static str,
+    pub row: db::ImageRow,
+    pub status: &'static str,
     staged_at_rfc3339: String,
     targets_expires_rfc3339: String,
-    assigned_vehicles: Vec<String>,
+    /// Vehicles the director tells to install it.
+    pub assigned_vehicles: Vec<String>,
+    /// Vehicles that report running it (vehicle registry).
+    pub installed_vehicles: Vec<String>,
 }
 
-async fn image_views(app: &AppState) -> Result<Vec<ImageView>, ApiError> {
-    let (images, assignments) = app
+pub async fn image_views(app: &AppState) -> Result<Vec<ImageView>, crate::store::StoreError> {
+    let (images, assignments, mut installed) = app
         .store
-        .read(|c| Ok::<_, crate::store::StoreError>((db::images(c, false)?, db::assignments(c)?)))
+        .read(|c| {
+            Ok::<_, crate::store::StoreError>((
+                db::images(c, false)?,
+                db::assignments(c)?,
+                crate::link::db::installed(c)?,
+            ))
+        })
         .await?;
     let mut by_image: BTreeMap<i64, Vec<String>> = BTreeMap::new();
     for a in assignments {
@@ -113,6 +123,9 @@ async fn image_views(app: &AppState) -> Result<Vec<ImageView>, ApiError> {
             staged_at_rfc3339: rfc3339(row.staged_at),
             targets_expires_rfc3339: rfc3339(row.targets_expires),
             assigned_vehicles: by_image.remove(&row.id).unwrap_or_default(),
+            installed_vehicles: installed
+                .remove(&(row.hardware_id.clone(), row.version.clone()))
+                .unwrap_or_default(),
             row,
         })
         .collect())

@@ -404,6 +404,22 @@ pub fn list(conn: &Connection) -> Result<Vec<VehicleView>, StoreError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Which vehicles report running which image: `(hardware id, version)` to vehicle ids, sorted.
+pub fn installed(
+    conn: &Connection,
+) -> Result<std::collections::BTreeMap<(String, String), Vec<String>>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT hardware_id, installed_version, id FROM vehicles
+         WHERE hardware_id IS NOT NULL AND installed_version IS NOT NULL ORDER BY id",
+    )?;
+    let mut by_image = std::collections::BTreeMap::<_, Vec<String>>::new();
+    for row in stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))? {
+        let (image, vehicle) = row?;
+        by_image.entry(image).or_default().push(vehicle);
+    }
+    Ok(by_image)
+}
+
 pub fn get(conn: &Connection, id: &str) -> Result<Option<VehicleView>, StoreError> {
     Ok(conn
         .prepare_cached(&format!("SELECT {VIEW_COLUMNS} WHERE v.id = ?1"))?

@@ -292,24 +292,32 @@ fn system_time_ms(t: Option<std::time::SystemTime>) -> Option<i64> {
     t.map(crate::store::unix_ms)
 }
 
+/// "3 vehicles: a, b, c", the first few named and the rest counted; a dash for none.
+fn vehicle_list(ids: &[String]) -> Markup {
+    const NAMED: usize = 6;
+    html! {
+        @if ids.is_empty() { span.muted { "—" } }
+        @else {
+            (ids.len()) @if ids.len() == 1 { " vehicle: " } @else { " vehicles: " }
+            (ids.iter().take(NAMED).map(String::as_str).collect::<Vec<_>>().join(", "))
+            @if ids.len() > NAMED { span.muted { " and " (ids.len() - NAMED) " more" } }
+        }
+    }
+}
+
 /// The image cache: trust, staging, staged images, assignments and the upload cap.
 pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
     use crate::ota::db;
     let loaded = app
         .store
-        .read(|c| {
-            Ok::<_, crate::store::StoreError>((
-                db::images(c, false)?,
-                db::assignments(c)?,
-                db::recent_jobs(c, 8)?,
-            ))
-        })
+        .read(|c| Ok::<_, crate::store::StoreError>((db::assignments(c)?, db::recent_jobs(c, 8)?)))
         .await;
-    let (images, assignments, jobs) = match loaded {
-        Ok(x) => x,
-        Err(e) => {
+    let images = crate::http::ota_api::image_views(&app).await;
+    let (images, (assignments, jobs)) = match (images, loaded) {
+        (Ok(images), Ok(rest)) => (images, rest),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "loading the OTA page");
-            (Vec::new(), Vec::new(), Vec::new())
+            (Vec::new(), (Vec::new(), Vec::new()))
         }
     };
     let technician = user.role >= Role::Technician;
@@ -422,10 +430,10 @@ pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
             } @else {
                 div.table-scroll {
                     table.data {
-                        thead { tr { th { "Hardware" } th { "Version" } th { "Size" } th { "Chunks" } th { "Signature" } th { "Signed until" } th { "Assigned to" } th {} } }
+                        thead { tr { th { "Hardware" } th { "Version" } th { "Size" } th { "Chunks" } th { "Signature" } th { "Signed until" } th { "Installed on" } th { "Assigned to" } th {} } }
                         tbody {
-                            @for image in &images {
-                                @let assigned: Vec<&str> = assignments.iter().filter(|a| a.image_id == image.id).map(|a| a.vehicle_id.as_str()).collect();
+                            @for view in &images {
+                                @let image = &view.row;
                                 @let path = format!("/api/v1/images/{}?hardware={}", image.version, image.hardware_id);
                                 tr {
                                     td { (image.hardware_id) }
@@ -440,7 +448,8 @@ pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
                                         @if image.targets_expires <= now { span.pill.warn { "expired" } " " }
                                         (when(Some(image.targets_expires)))
                                     }
-                                    td { @if assigned.is_empty() { span.muted { "—" } } @else { (assigned.len()) " vehicle(s): " (assigned.join(", ")) } }
+                                    td { (vehicle_list(&view.installed_vehicles)) }
+                                    td { (vehicle_list(&view.assigned_vehicles)) }
                                     td.nowrap.actions {
                                         button.small data-validate=(format!("/api/v1/images/{}/validate?hardware={}", image.version, image.hardware_id)) { "Validate" }
                                         @if technician {
