@@ -1,8 +1,26 @@
 //! # atlasmesh-canary
 //!
-//! Will own rollout plans and the canary wave state machine: typed events in, decisions out,
-//! with statistical gates, soak times, halts and N-1 rollback. It arrives with the canary work
-//! and has no code yet.
+//! Rollout plans and the canary wave state machine. A [`plan::Plan`] names the target image,
+//! cumulative waves, the statistical [`gate::Gate`] between them, soak time, a per-vehicle
+//! deadline and how many vehicles install at once. A [`machine::Rollout`] consumes typed
+//! [`machine::Event`]s (eligibility, vehicle reports, operator commands, ticks) and returns
+//! [`machine::Decision`]s (assign, advance, pause, halt, roll back, complete) for the depot to
+//! carry out. It halts mid-wave as soon as the gate can no longer pass.
 //!
-//! Must not: do any I/O or read the clock. It is a pure core; the depot feeds it events and a
-//! time, and carries out its decisions.
+//! Layout: `gate` (Wilson lower bound, three verdicts), `plan` (waves and limits, validated
+//! against the population), `machine` (the state machine; serialisable, so the depot can store
+//! it after every step and restart exactly where it was).
+//!
+//! Must not: do any I/O or read the clock. It is a pure core; the depot feeds it events and the
+//! time, stores it, and carries out its decisions.
+
+pub mod gate;
+pub mod machine;
+pub mod plan;
+
+pub use gate::{Gate, Judgement, Tally, Verdict};
+pub use machine::{
+    Candidate, Decision, Event, Millis, Outcome, PauseReason, Phase, Refused, Replan, Rollout,
+    Stage, Step, Vehicle, WaveReport,
+};
+pub use plan::{Plan, PlanError, Size, Target, Wave};
