@@ -22,8 +22,8 @@ use url::Url;
 
 use crate::ota::{self, Outcome, PullConfig};
 use crate::wire::{
-    Dock, Health, HealthStatus, Link, OtaCommand, OtaOutcome, OtaPhase, OtaReport, Slot, State,
-    Topics, Upward,
+    Dock, Health, HealthStatus, Link, OtaAction, OtaCommand, OtaOutcome, OtaPhase, OtaReport, Slot,
+    State, Topics, Upward,
 };
 
 /// A vehicle's login at the broker.
@@ -97,6 +97,10 @@ struct Car {
     battery_kwh: f64,
     version: String,
     slot: Slot,
+    /// What the other slot holds, once an install succeeded: where a rollback returns to.
+    previous: Option<String>,
+    /// A rollback the depot asked for while an install was running: the version to leave.
+    roll_back: Option<String>,
     /// Seconds until it leaves (docked) or returns (away).
     countdown: u32,
     clock: u64,
@@ -122,6 +126,8 @@ impl Car {
             bay: format!("bay-{}", index + 1),
             version: config.initial_version.clone(),
             slot: Slot::A,
+            previous: None,
+            roll_back: None,
             countdown,
             clock: 0,
             busy: false,
@@ -154,6 +160,24 @@ impl Car {
         false
     }
 
+    /// Leaves `version` for the other slot if it runs it; true when it switched.
+    fn roll_back(&mut self, version: &str) -> bool {
+        match self.previous.take() {
+            Some(previous) if self.version == version => {
+                self.previous = Some(std::mem::replace(&mut self.version, previous));
+                self.slot = match self.slot {
+                    Slot::A => Slot::B,
+                    Slot::B => Slot::A,
+                };
+                true
+            }
+            other => {
+                self.previous = other;
+                false
+            }
+        }
+    }
+
     fn dock(&self) -> Dock {
         Dock {
             docked: self.docked,
@@ -177,6 +201,20 @@ impl Car {
             ts_ms: now_ms(),
         }
     }
+}
+
+/// "Back on the other slot, off `version`."
+fn rollback_report(version: &str) -> Vec<u8> {
+    serde_json::to_vec(&OtaReport {
+        version: version.to_owned(),
+        phase: OtaPhase::Rollback,
+        outcome: OtaOutcome::Succeeded,
+        bytes_done: None,
+        bytes_total: None,
+        error: None,
+        ts_ms: now_ms(),
+    })
+    .unwrap_or_default()
 }
 
 fn now_ms() -> i64 {
@@ -254,7 +292,23 @@ async fn run_vehicle(
                     let Ok(command) = serde_json::from_slice::<OtaCommand>(&p.payload) else {
                         continue;
                     };
-                    if p.topic.ends_with("/cmd/ota") && car.docked && !car.busy && command.version != car.version {
+                    if !p.topic.ends_with("/cmd/ota") {
+                        continue;
+                    }
+                    if command.action == OtaAction::Rollback {
+                        if car.busy {
+                            car.roll_back = Some(command.version);
+                        } else {
+                            car.roll_back(&command.version);
+                            let report = rollback_report(&command.version);
+                            let _ = publish(Upward::Ota, report, false).await;
+                            let state = serde_json::to_vec(last_state.insert(car.state(config.second))).unwrap_or_default();
+                            let _ = publish(Upward::State, state, false).await;
+                            messages += 2;
+                        }
+                        continue;
+                    }
+                    if car.docked && !car.busy && command.version != car.version {
                         car.busy = true;
                         let fails = config.failure_rates.get(&command.version).copied().unwrap_or(0.0);
                         let fail = car.rng.random_bool(fails.clamp(0.0, 1.0));
@@ -294,13 +348,18 @@ async fn run_vehicle(
             Some(done) = ota_rx.recv() => {
                 car.busy = false;
                 if done.ok {
-                    car.version = done.version;
+                    car.previous = Some(std::mem::replace(&mut car.version, done.version));
                     car.slot = match car.slot { Slot::A => Slot::B, Slot::B => Slot::A };
-                    let state = car.state(config.second);
-                    let state = serde_json::to_vec(last_state.insert(state)).unwrap_or_default();
-                    let _ = publish(Upward::State, state, false).await;
+                }
+                if let Some(leave) = car.roll_back.take() {
+                    car.roll_back(&leave);
+                    let _ = publish(Upward::Ota, rollback_report(&leave), false).await;
                     messages += 1;
                 }
+                let state = car.state(config.second);
+                let state = serde_json::to_vec(last_state.insert(state)).unwrap_or_default();
+                let _ = publish(Upward::State, state, false).await;
+                messages += 1;
             }
         }
     }

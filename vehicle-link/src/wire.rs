@@ -224,6 +224,8 @@ pub enum OtaPhase {
     Install,
     Boot,
     Health,
+    /// Returning to the previous version on the other slot, as the depot commanded.
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,14 +354,29 @@ fn check(message: &Message) -> Result<(), WireError> {
     }
 }
 
-/// Tells a vehicle that the depot has an assignment for it: pull it from `depot_url`.
+/// Tells a vehicle that the depot has an assignment for it (pull it from `depot_url`), or,
+/// with `action: rollback`, to leave `version` for the version on its other slot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OtaCommand {
+    /// Absent in version 1.0 commands, which only ever meant install.
+    #[serde(default)]
+    pub action: OtaAction,
     pub version: String,
+    /// With `rollback`: the version the vehicle should be back on (N-1), when the depot knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<String>,
     pub hardware_id: String,
     /// The depot's vehicle-facing base URL (TUF repositories, chunks).
     pub depot_url: String,
     pub ts_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtaAction {
+    #[default]
+    Install,
+    Rollback,
 }
 
 /// Charging instruction for a plugged-in vehicle.
@@ -464,6 +481,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ota.hardware_id, "veh-gen2");
+        assert_eq!(ota.action, OtaAction::Install, "1.0 commands meant install");
+        let rollback: OtaCommand = serde_json::from_str(
+            r#"{"action": "rollback", "version": "1.5.0", "to_version": "1.4.2", "hardware_id": "veh-gen2", "depot_url": "http://10.0.0.2:8080/", "ts_ms": 1795000007000}"#,
+        )
+        .unwrap();
+        assert_eq!(rollback.action, OtaAction::Rollback);
+        parse_upward(
+            Upward::Ota,
+            br#"{"version": "1.5.0", "phase": "rollback", "outcome": "succeeded", "ts_ms": 1795000008000}"#,
+        )
+        .unwrap();
         let charge: ChargeCommand = serde_json::from_str(
             r#"{"target_soc_percent": 80.0, "max_current_a": 32.0, "ts_ms": 1795000006000}"#,
         )

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use atlasmesh_vehicle_link::wire::{
-    self, Downward, Health, Message, OtaCommand, OtaReport, State, Topics, Upward,
+    self, Downward, Health, Message, OtaAction, OtaCommand, OtaReport, State, Topics, Upward,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -293,7 +293,9 @@ impl VehicleLink {
         };
         for (vehicle, version, hardware_id) in pending {
             let command = OtaCommand {
+                action: OtaAction::Install,
                 version,
+                to_version: None,
                 hardware_id,
                 depot_url: self.public_url.clone(),
                 ts_ms: unix_ms(self.clock.now()),
@@ -316,6 +318,43 @@ impl VehicleLink {
                 Err(e) => {
                     tracing::warn!(vehicle = %vehicle, error = %e, "could not publish an OTA notification")
                 }
+            }
+        }
+    }
+
+    /// Tells a vehicle to leave `version` for the one on its other slot (a canary halt or
+    /// failure); its assignment has been withdrawn already. Sent again whenever the rollout
+    /// still waits for the vehicle's report, so a lost message only delays it.
+    pub async fn command_rollback(
+        &self,
+        vehicle: &str,
+        version: &str,
+        to_version: Option<&str>,
+        hardware_id: &str,
+    ) {
+        let command = OtaCommand {
+            action: OtaAction::Rollback,
+            version: version.to_owned(),
+            to_version: to_version.map(str::to_owned),
+            hardware_id: hardware_id.to_owned(),
+            depot_url: self.public_url.clone(),
+            ts_ms: unix_ms(self.clock.now()),
+        };
+        let payload = serde_json::to_vec(&command).unwrap_or_default();
+        let topic = self.topics.downward(vehicle, Downward::Ota);
+        let result = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await;
+        let labels = MessageLabels {
+            kind: "rollback".into(),
+            result: if result.is_ok() { "sent" } else { "failed" }.into(),
+        };
+        self.metrics.commands.get_or_create(&labels).inc();
+        match result {
+            Ok(()) => tracing::info!(vehicle, version, "told the vehicle to roll back"),
+            Err(e) => {
+                tracing::warn!(vehicle, error = %e, "could not publish a rollback command")
             }
         }
     }
