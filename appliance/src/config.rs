@@ -38,6 +38,7 @@ pub struct Config {
     pub log: LogConfig,
     pub ota: OtaConfig,
     pub vehicle_link: VehicleLinkConfig,
+    pub canary: CanaryConfig,
 }
 
 impl Default for Config {
@@ -52,6 +53,7 @@ impl Default for Config {
             log: LogConfig::default(),
             ota: OtaConfig::default(),
             vehicle_link: VehicleLinkConfig::default(),
+            canary: CanaryConfig::default(),
         }
     }
 }
@@ -221,6 +223,45 @@ impl Default for OtaConfig {
             download_bytes_per_second: 0,
             bandwidth_bytes_per_second: 0,
             director_refresh: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// What makes a vehicle ready for an update, and the defaults of a rollout plan.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CanaryConfig {
+    /// A vehicle not plugged in needs at least this state of charge, percent.
+    pub soc_floor_percent: f64,
+    /// Download rate assumed when estimating whether an update fits before departure.
+    pub assumed_download_bytes_per_second: u64,
+    /// Install and reboot time assumed in the same estimate.
+    #[serde(with = "humantime_serde")]
+    pub install_estimate: Duration,
+    /// Room left between the estimated end of an update (with its soak) and departure.
+    #[serde(with = "humantime_serde")]
+    pub departure_margin: Duration,
+    /// Plan defaults when a rollout request leaves them out.
+    #[serde(with = "humantime_serde")]
+    pub soak: Duration,
+    #[serde(with = "humantime_serde")]
+    pub vehicle_deadline: Duration,
+    pub max_concurrent: u64,
+    #[serde(with = "humantime_serde")]
+    pub wave_timeout: Duration,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        Self {
+            soc_floor_percent: 30.0,
+            assumed_download_bytes_per_second: 20_000_000,
+            install_estimate: Duration::from_secs(10 * 60),
+            departure_margin: Duration::from_secs(15 * 60),
+            soak: Duration::from_secs(10 * 60),
+            vehicle_deadline: Duration::from_secs(2 * 3600),
+            max_concurrent: 20,
+            wave_timeout: Duration::from_secs(24 * 3600),
         }
     }
 }

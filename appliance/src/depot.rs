@@ -157,6 +157,20 @@ async fn run_locked(
     )
     .await
     .context("starting the vehicle link")?;
+    let rollouts = crate::rollouts::Rollouts::start(
+        crate::rollouts::RolloutParts {
+            store: store.clone(),
+            ota: ota.clone(),
+            link: link.clone(),
+            clock: clock.clone(),
+            config: config.canary.clone(),
+            panel: events.clone(),
+        },
+        &mut registry,
+        shutdown.clone(),
+    )
+    .await
+    .context("resuming rollouts")?;
     let core = Core {
         mode: Mode::Depot,
         started_at: SystemTime::now(),
@@ -182,6 +196,7 @@ async fn run_locked(
         events,
         ota,
         link: link.clone(),
+        rollouts,
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());

@@ -31,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ota;
 pub mod ota_cli;
+pub mod rollouts;
 pub mod shutdown;
 pub mod sim_cli;
 pub mod store;

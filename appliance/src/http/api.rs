@@ -30,6 +30,7 @@ pub fn router(app: AppState) -> Router<AppState> {
         .route("/tokens/{id}", delete(revoke_token))
         .merge(super::ota_api::routes())
         .merge(super::vehicles_api::routes())
+        .merge(super::rollouts_api::routes())
         .layer(timeout)
         // Staging reads an upload of gigabytes as it arrives: no request timeout there.
         .merge(super::ota_api::long_routes())

@@ -13,6 +13,7 @@ pub mod files;
 pub mod observe;
 pub mod ota_api;
 pub mod panel;
+pub mod rollouts_api;
 pub mod server;
 pub mod vehicle;
 pub mod vehicles_api;
@@ -127,6 +128,7 @@ pub struct AppState {
     pub events: broadcast::Sender<PanelEvent>,
     pub ota: Arc<crate::ota::Ota>,
     pub link: Arc<crate::link::VehicleLink>,
+    pub rollouts: Arc<crate::rollouts::Rollouts>,
 }
 
 impl FromRef<AppState> for Core {

@@ -46,7 +46,7 @@ pub fn long_routes() -> Router<AppState> {
     Router::new().route("/images", post(stage))
 }
 
-fn actor<R: MinRole>(caller: &Auth<R>) -> Actor {
+pub(crate) fn actor<R: MinRole>(caller: &Auth<R>) -> Actor {
     Actor {
         name: caller.identity.actor.clone(),
         role: Some(caller.identity.role),
@@ -55,7 +55,7 @@ fn actor<R: MinRole>(caller: &Auth<R>) -> Actor {
 }
 
 /// Maps an OTA error to a response. `audited`: the service already wrote the audit record.
-fn ota_error(e: OtaError, audited: bool) -> ApiError {
+pub(crate) fn ota_error(e: OtaError, audited: bool) -> ApiError {
     let code = error_code(&e);
     let status = match &e {
         OtaError::Staging(StagingError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,

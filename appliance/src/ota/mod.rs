@@ -1028,7 +1028,21 @@ impl Ota {
         image: &ImageRow,
         actor: &Actor,
     ) -> Result<director::Published, OtaError> {
-        director::validate_vehicle_id(vehicle).map_err(OtaError::Invalid)?;
+        self.assign_many(vec![vehicle.to_owned()], image, actor)
+            .await
+    }
+
+    /// Assigns an image to several vehicles (a canary wave): one transaction, one audit entry
+    /// per vehicle, one director publication.
+    pub async fn assign_many(
+        &self,
+        vehicles: Vec<String>,
+        image: &ImageRow,
+        actor: &Actor,
+    ) -> Result<director::Published, OtaError> {
+        for vehicle in &vehicles {
+            director::validate_vehicle_id(vehicle).map_err(OtaError::Invalid)?;
+        }
         if image.corrupt_at.is_some() {
             return Err(OtaError::Conflict(format!(
                 "{}/{} is damaged on disk and cannot be assigned",
@@ -1036,20 +1050,25 @@ impl Ota {
             )));
         }
         let now = unix_ms(self.clock.now());
-        let (v, id, by) = (vehicle.to_owned(), image.id, actor.name.clone());
-        let entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: "assignment.set".into(),
-            target: Some(vehicle.into()),
-            outcome: Outcome::Ok,
-            request_id: actor.request_id.clone(),
-            detail: json!({"hardware": image.hardware_id, "version": image.version, "sha256": image.sha256}),
-        };
+        let (id, by) = (image.id, actor.name.clone());
+        let detail = json!({"hardware": image.hardware_id, "version": image.version, "sha256": image.sha256});
+        let actor = actor.clone();
         self.db
             .write(move |tx| {
-                db::assign(tx, &v, id, &by, now)?;
-                audit::record(tx, &entry, now)
+                for vehicle in vehicles {
+                    db::assign(tx, &vehicle, id, &by, now)?;
+                    let entry = audit::Entry {
+                        actor: actor.name.clone(),
+                        role: actor.role,
+                        action: "assignment.set".into(),
+                        target: Some(vehicle),
+                        outcome: Outcome::Ok,
+                        request_id: actor.request_id.clone(),
+                        detail: detail.clone(),
+                    };
+                    audit::record(tx, &entry, now)?;
+                }
+                Ok::<_, OtaError>(())
             })
             .await?;
         self.publish_director().await
@@ -1060,33 +1079,49 @@ impl Ota {
         vehicle: &str,
         actor: &Actor,
     ) -> Result<director::Published, OtaError> {
+        match self.unassign_many(vec![vehicle.to_owned()], actor).await? {
+            Some(published) => Ok(published),
+            None => Err(OtaError::NotFound(format!(
+                "vehicle {vehicle} has no assignment"
+            ))),
+        }
+    }
+
+    /// Withdraws the assignments these vehicles have (audited each); publishes the director
+    /// once if any was removed.
+    pub async fn unassign_many(
+        &self,
+        vehicles: Vec<String>,
+        actor: &Actor,
+    ) -> Result<Option<director::Published>, OtaError> {
         let now = unix_ms(self.clock.now());
-        let v = vehicle.to_owned();
-        let entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: "assignment.remove".into(),
-            target: Some(vehicle.into()),
-            outcome: Outcome::Ok,
-            request_id: actor.request_id.clone(),
-            detail: json!({}),
-        };
+        let actor = actor.clone();
         let removed = self
             .db
             .write(move |tx| {
-                let removed = db::unassign(tx, &v)?;
-                if removed {
-                    audit::record(tx, &entry, now)?;
+                let mut removed = 0;
+                for vehicle in vehicles {
+                    if db::unassign(tx, &vehicle)? {
+                        removed += 1;
+                        let entry = audit::Entry {
+                            actor: actor.name.clone(),
+                            role: actor.role,
+                            action: "assignment.remove".into(),
+                            target: Some(vehicle),
+                            outcome: Outcome::Ok,
+                            request_id: actor.request_id.clone(),
+                            detail: json!({}),
+                        };
+                        audit::record(tx, &entry, now)?;
+                    }
                 }
                 Ok::<_, StoreError>(removed)
             })
             .await?;
-        if !removed {
-            return Err(OtaError::NotFound(format!(
-                "vehicle {vehicle} has no assignment"
-            )));
+        if removed == 0 {
+            return Ok(None);
         }
-        self.publish_director().await
+        Ok(Some(self.publish_director().await?))
     }
 
     /// Signs and publishes every current assignment with new versions.

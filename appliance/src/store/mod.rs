@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_foundation.sql"),
     include_str!("migrations/0002_ota.sql"),
     include_str!("migrations/0003_vehicles.sql"),
+    include_str!("migrations/0004_rollouts.sql"),
 ];
 
 /// The schema version this binary migrates to.

@@ -1,0 +1,958 @@
+//! Canary rollouts on the depot: the driver around the pure state machine of
+//! `atlasmesh-canary`. It feeds the machine what happens (vehicle reports from the vehicle link,
+//! eligibility from the registry, technicians' commands, the time), stores the machine and a
+//! hash-chained log entry in one transaction per step, and only then carries out the decisions:
+//! director assignments through the image cache, `cmd/ota` notifications and rollback commands
+//! through the vehicle link.
+//!
+//! A depot killed at any point restarts from the last stored step; decisions whose effects may
+//! not have happened are reconciled (assignments re-made or withdrawn, rollback commands sent
+//! again) at start and every half minute after.
+
+pub mod db;
+pub mod eligibility;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atlasmesh_canary::{
+    Candidate, Decision, Event, Gate, Judgement, Outcome, Phase, Plan, PlanError, Refused, Rollout,
+    Size, Stage, Target, Wave, WaveReport,
+};
+use atlasmesh_vehicle_link::wire::{HealthStatus, OtaOutcome, OtaPhase};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{Mutex, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit;
+use crate::config::CanaryConfig;
+use crate::http::{Clock, PanelEvent};
+use crate::link::{VehicleEvent, VehicleLink};
+use crate::ota::db::ImageRow;
+use crate::ota::{Actor, Ota, OtaError};
+use crate::store::{Store, StoreError, unix_ms};
+
+/// The name automatic steps are logged and audited under.
+const CANARY: &str = "canary";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Ota(#[from] OtaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored rollout {0} cannot be read: {1}")]
+    Corrupt(i64, String),
+}
+
+/// `POST /api/v1/rollouts`: what to install, and any plan fields that differ from the
+/// defaults (configuration `[canary]`; waves 5 % (at least what the gate needs), 25 %, 100 %).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    pub version: String,
+    #[serde(default)]
+    pub hardware: Option<String>,
+    #[serde(default)]
+    pub waves: Option<Vec<Wave>>,
+    #[serde(default)]
+    pub gate: Option<Gate>,
+    #[serde(default, with = "humantime_serde")]
+    pub soak: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub vehicle_deadline: Option<Duration>,
+    #[serde(default)]
+    pub max_concurrent: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub wave_timeout: Option<Duration>,
+    #[serde(default)]
+    pub roll_back_failed_wave: Option<bool>,
+}
+
+/// One vehicle of a rollout, for the API and the panel.
+#[derive(Debug, Serialize)]
+pub struct VehicleRow {
+    pub id: String,
+    pub stage: Stage,
+    pub outcome: Option<Outcome>,
+    pub eligible: bool,
+    pub reasons: Vec<String>,
+    /// 1-based.
+    pub wave: Option<usize>,
+    pub from_version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RolloutView {
+    pub id: i64,
+    pub hardware_id: String,
+    pub version: String,
+    pub phase: &'static str,
+    /// Why it is paused or halted.
+    pub status: Phase,
+    /// 1-based.
+    pub wave: usize,
+    pub waves: Vec<WaveReport>,
+    pub gate: Judgement,
+    pub counts: BTreeMap<Stage, u64>,
+    pub plan: Plan,
+    pub created_at: String,
+    pub created_by: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vehicles: Option<Vec<VehicleRow>>,
+}
+
+struct Live {
+    machine: Rollout,
+    image: ImageRow,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    rollout: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WaveLabels {
+    rollout: String,
+    wave: String,
+}
+
+#[derive(Clone, Default)]
+struct RolloutMetrics {
+    vehicles: Family<StageLabels, Gauge>,
+    wave_success: Family<WaveLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    halts: Counter,
+    rollbacks: Counter,
+}
+
+impl RolloutMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = RolloutMetrics::default();
+        registry.register(
+            "atlasmesh_rollout_vehicles",
+            "Vehicles of each rollout by stage",
+            m.vehicles.clone(),
+        );
+        registry.register(
+            "atlasmesh_rollout_wave_success_ratio",
+            "Successes over decided vehicles, per wave",
+            m.wave_success.clone(),
+        );
+        registry.register(
+            "atlasmesh_rollout_halts",
+            "Rollouts halted, by the gate or a technician",
+            m.halts.clone(),
+        );
+        registry.register(
+            "atlasmesh_rollout_rollbacks",
+            "Vehicles told to roll back to their previous version",
+            m.rollbacks.clone(),
+        );
+        m
+    }
+
+    fn observe(&self, id: i64, machine: &Rollout, decisions: &[Decision]) {
+        let rollout = id.to_string();
+        let counts = machine.counts();
+        for stage in [
+            Stage::Waiting,
+            Stage::Assigned,
+            Stage::Downloading,
+            Stage::Installed,
+            Stage::Soaking,
+            Stage::Succeeded,
+            Stage::RollingBack,
+            Stage::RolledBack,
+        ] {
+            let labels = StageLabels {
+                rollout: rollout.clone(),
+                stage: serde_plain(&stage),
+            };
+            self.vehicles
+                .get_or_create(&labels)
+                .set(counts.get(&stage).copied().unwrap_or(0) as i64);
+        }
+        for w in machine.waves() {
+            let decided = w.succeeded + w.failed + w.silent;
+            if decided > 0 {
+                let labels = WaveLabels {
+                    rollout: rollout.clone(),
+                    wave: w.number.to_string(),
+                };
+                self.wave_success
+                    .get_or_create(&labels)
+                    .set(w.succeeded as f64 / decided as f64);
+            }
+        }
+        for d in decisions {
+            match d {
+                Decision::Halt { .. } => {
+                    self.halts.inc();
+                }
+                Decision::RollBack { .. } => {
+                    self.rollbacks.inc();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn serde_plain<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+pub struct RolloutParts {
+    pub store: Store,
+    pub ota: Arc<Ota>,
+    pub link: Arc<VehicleLink>,
+    pub clock: Arc<dyn Clock>,
+    pub config: CanaryConfig,
+    pub panel: broadcast::Sender<PanelEvent>,
+}
+
+pub struct Rollouts {
+    store: Store,
+    ota: Arc<Ota>,
+    link: Arc<VehicleLink>,
+    clock: Arc<dyn Clock>,
+    config: CanaryConfig,
+    panel: broadcast::Sender<PanelEvent>,
+    metrics: RolloutMetrics,
+    /// Every rollout not finished, by id. One lock, so each step is judged, stored and carried
+    /// out before the next.
+    live: Mutex<BTreeMap<i64, Live>>,
+}
+
+impl Rollouts {
+    /// Loads the unfinished rollouts, reconciles what their last steps decided, and follows
+    /// the vehicle link and the clock until `shutdown`.
+    pub async fn start(
+        parts: RolloutParts,
+        registry: &mut Registry,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, RolloutError> {
+        let rows = parts.store.read(db::list).await?;
+        let mut live = BTreeMap::new();
+        for row in rows {
+            if row.phase == "completed" || row.phase == "rolled_back" {
+                continue;
+            }
+            let machine: Rollout = serde_json::from_str(&row.machine)
+                .map_err(|e| RolloutError::Corrupt(row.id, e.to_string()))?;
+            let image_id = row.image_id;
+            let image = parts
+                .store
+                .read(move |c| crate::ota::db::image_by_id(c, image_id))
+                .await?
+                .ok_or_else(|| RolloutError::Corrupt(row.id, "its image is gone".into()))?;
+            live.insert(row.id, Live { machine, image });
+        }
+        let rollouts = Arc::new(Rollouts {
+            store: parts.store,
+            ota: parts.ota,
+            link: parts.link,
+            clock: parts.clock,
+            config: parts.config,
+            panel: parts.panel,
+            metrics: RolloutMetrics::register(registry),
+            live: Mutex::new(live),
+        });
+        {
+            let live = rollouts.live.lock().await;
+            for (id, l) in live.iter() {
+                rollouts.metrics.observe(*id, &l.machine, &[]);
+            }
+            if !live.is_empty() {
+                tracing::info!(rollouts = live.len(), "resuming unfinished rollouts");
+            }
+        }
+        rollouts.reconcile().await;
+        tokio::spawn(rollouts.clone().follow(shutdown));
+        Ok(rollouts)
+    }
+
+    async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut events = self.link.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Ok(event) => self.on_vehicle(event).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "rollouts fell behind the vehicle link; rechecking eligibility");
+                        self.refresh_eligibility().await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.tick().await;
+                    if ticks.is_multiple_of(5) {
+                        self.refresh_eligibility().await;
+                    }
+                    if ticks.is_multiple_of(30) {
+                        self.reconcile().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn actor(&self) -> Actor {
+        Actor {
+            name: CANARY.into(),
+            role: None,
+            request_id: None,
+        }
+    }
+
+    /// Creates and starts a rollout (technician).
+    pub async fn create(
+        &self,
+        request: CreateRollout,
+        actor: &Actor,
+    ) -> Result<RolloutView, RolloutError> {
+        let image = self
+            .ota
+            .find(&request.version, request.hardware.as_deref())
+            .await?;
+        let mut live = self.live.lock().await;
+        if let Some((id, _)) = live.iter().find(|(_, l)| {
+            l.image.hardware_id == image.hardware_id
+                && matches!(
+                    l.machine.phase(),
+                    Phase::Running | Phase::Paused { .. } | Phase::Halted { .. }
+                )
+        }) {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} for {} is not finished; finish, resume or roll it back first",
+                image.hardware_id
+            )));
+        }
+        let gate = request.gate.unwrap_or_default();
+        gate.validate()?;
+        let plan = Plan {
+            target: Target {
+                hardware_id: image.hardware_id.clone(),
+                version: image.version.clone(),
+            },
+            waves: request.waves.unwrap_or_else(|| {
+                vec![
+                    Wave {
+                        size: Size::Percent(5.0),
+                        min_vehicles: gate.min_sample(),
+                    },
+                    Wave {
+                        size: Size::Percent(25.0),
+                        min_vehicles: 0,
+                    },
+                    Wave {
+                        size: Size::Percent(100.0),
+                        min_vehicles: 0,
+                    },
+                ]
+            }),
+            gate,
+            soak_ms: ms(request.soak.unwrap_or(self.config.soak)),
+            deadline_ms: ms(request
+                .vehicle_deadline
+                .unwrap_or(self.config.vehicle_deadline)),
+            max_concurrent: request.max_concurrent.unwrap_or(self.config.max_concurrent),
+            wave_timeout_ms: ms(request.wave_timeout.unwrap_or(self.config.wave_timeout)),
+            roll_back_failed_wave: request.roll_back_failed_wave.unwrap_or(true),
+        };
+        let now = unix_ms(self.clock.now());
+        let vehicles = self.store.read(crate::link::db::list).await?;
+        let needs = self.needs(&image, plan.soak_ms);
+        let candidates: Vec<Candidate> = vehicles
+            .iter()
+            .filter(|v| {
+                v.hardware_id.as_deref() == Some(&image.hardware_id)
+                    && v.installed_version.as_deref() != Some(&image.version)
+            })
+            .map(|v| {
+                let reasons = eligibility::reasons(v, &needs, &self.config, now);
+                Candidate {
+                    id: v.id.clone(),
+                    from_version: v.installed_version.clone(),
+                    eligible: reasons.is_empty(),
+                    reasons,
+                }
+            })
+            .collect();
+        let (machine, decisions) = Rollout::start(plan, candidates, now)?;
+        let stored =
+            serde_json::to_string(&machine).map_err(|e| RolloutError::Corrupt(0, e.to_string()))?;
+        let entry = json!({
+            "actor": actor.name,
+            "event": {"event": "created", "plan": machine.plan(), "vehicles": machine.vehicles().len()},
+            "decisions": decisions,
+            "gate": machine.judgement(),
+            "phase": machine.phase(),
+        })
+        .to_string();
+        let audit_entry = audit::Entry {
+            actor: actor.name.clone(),
+            role: actor.role,
+            action: "rollout.create".into(),
+            target: Some(format!("{}/{}", image.hardware_id, image.version)),
+            outcome: audit::Outcome::Ok,
+            request_id: actor.request_id.clone(),
+            detail: json!({"vehicles": machine.vehicles().len(), "waves": machine.targets()}),
+        };
+        let (hw, version, image_id, phase, by) = (
+            image.hardware_id.clone(),
+            image.version.clone(),
+            image.id,
+            machine.phase().name(),
+            actor.name.clone(),
+        );
+        let id = self
+            .store
+            .write(move |tx| {
+                let id = db::insert(tx, &hw, &version, image_id, phase, &stored, &by, now)?;
+                db::append(tx, id, now, &entry)?;
+                audit::record(tx, &audit_entry, now)?;
+                Ok::<_, StoreError>(id)
+            })
+            .await?;
+        tracing::info!(rollout = id, version = %image.version, hardware = %image.hardware_id, vehicles = machine.vehicles().len(), waves = ?machine.targets(), "rollout started");
+        let l = live.entry(id).or_insert(Live { machine, image });
+        self.carry_out(id, l, &decisions).await;
+        self.metrics.observe(id, &l.machine, &decisions);
+        self.announce(id, &l.machine);
+        drop(live);
+        self.get(id).await
+    }
+
+    /// A technician's pause, resume, halt or roll back.
+    pub async fn command(
+        &self,
+        id: i64,
+        event: Event,
+        actor: &Actor,
+    ) -> Result<RolloutView, RolloutError> {
+        let action = match &event {
+            Event::Pause => "rollout.pause",
+            Event::Resume { .. } => "rollout.resume",
+            Event::Halt { .. } => "rollout.halt",
+            Event::RollBackAll => "rollout.rollback",
+            _ => return Err(RolloutError::Conflict("not a command".into())),
+        };
+        let mut live = self.live.lock().await;
+        if !live.contains_key(&id) {
+            drop(live);
+            // Finished rollouts are not kept live; say which it is.
+            return match self.store.read(move |c| db::get(c, id)).await? {
+                Some(row) => Err(RolloutError::Refused(Refused::NotNow {
+                    action: action.trim_start_matches("rollout."),
+                    phase: if row.phase == "completed" {
+                        "completed"
+                    } else {
+                        "rolled_back"
+                    },
+                })),
+                None => Err(RolloutError::NotFound(format!("no rollout {id}"))),
+            };
+        }
+        let audit_entry = audit::Entry {
+            actor: actor.name.clone(),
+            role: actor.role,
+            action: action.into(),
+            target: Some(id.to_string()),
+            outcome: audit::Outcome::Ok,
+            request_id: actor.request_id.clone(),
+            detail: serde_json::to_value(&event).unwrap_or_default(),
+        };
+        self.apply(&mut live, id, event, &actor.name, Some(audit_entry))
+            .await?;
+        drop(live);
+        self.get(id).await
+    }
+
+    /// Feeds one event to a live rollout: judge, store (with the log entry and any audit
+    /// entry) in one transaction, then carry out. A refused event or a failed write leaves the
+    /// rollout as it was.
+    async fn apply(
+        &self,
+        live: &mut BTreeMap<i64, Live>,
+        id: i64,
+        event: Event,
+        actor: &str,
+        audit_entry: Option<audit::Entry>,
+    ) -> Result<Vec<Decision>, RolloutError> {
+        let l = live
+            .get_mut(&id)
+            .ok_or_else(|| RolloutError::NotFound(format!("no rollout {id}")))?;
+        let now = unix_ms(self.clock.now());
+        let mut next = l.machine.clone();
+        let step = next.handle(now, &event)?;
+        if !step.changed && step.decisions.is_empty() {
+            return Ok(vec![]);
+        }
+        let stored =
+            serde_json::to_string(&next).map_err(|e| RolloutError::Corrupt(id, e.to_string()))?;
+        let entry = json!({
+            "actor": actor,
+            "event": event,
+            "decisions": step.decisions,
+            "gate": next.judgement(),
+            "phase": next.phase(),
+        })
+        .to_string();
+        let phase = next.phase().name();
+        self.store
+            .write(move |tx| {
+                db::save(tx, id, phase, &stored, now)?;
+                db::append(tx, id, now, &entry)?;
+                if let Some(a) = &audit_entry {
+                    audit::record(tx, a, now)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+        l.machine = next;
+        for d in &step.decisions {
+            match d {
+                Decision::Halt { reason, .. } => {
+                    tracing::warn!(rollout = id, reason = %reason, "rollout halted")
+                }
+                Decision::Advance { wave, .. } => {
+                    tracing::info!(rollout = id, wave = wave + 1, "rollout advanced")
+                }
+                Decision::Complete { .. } => tracing::info!(rollout = id, "rollout completed"),
+                Decision::Pause { reason } => {
+                    tracing::info!(rollout = id, reason = ?reason, "rollout paused")
+                }
+                _ => {}
+            }
+        }
+        self.carry_out(id, l, &step.decisions).await;
+        self.metrics.observe(id, &l.machine, &step.decisions);
+        self.announce(id, &l.machine);
+        if matches!(l.machine.phase(), Phase::Completed)
+            || (matches!(l.machine.phase(), Phase::RolledBack)
+                && !l
+                    .machine
+                    .vehicles()
+                    .values()
+                    .any(|v| v.stage == Stage::RollingBack))
+        {
+            live.remove(&id);
+        }
+        Ok(step.decisions)
+    }
+
+    /// Assignments first (one director publication for the batch), then the notifications
+    /// and rollback commands. Failures are logged; `reconcile` makes them good later.
+    async fn carry_out(&self, id: i64, l: &Live, decisions: &[Decision]) {
+        let assign: Vec<String> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Assign { vehicle, .. } => Some(vehicle.clone()),
+                _ => None,
+            })
+            .collect();
+        let roll_back: Vec<(String, Option<String>)> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::RollBack {
+                    vehicle,
+                    to_version,
+                } => Some((vehicle.clone(), to_version.clone())),
+                _ => None,
+            })
+            .collect();
+        if !assign.is_empty() {
+            match self
+                .ota
+                .assign_many(assign.clone(), &l.image, &self.actor())
+                .await
+            {
+                Ok(_) => {
+                    for vehicle in assign {
+                        self.link.notify_ota(Some(vehicle)).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(rollout = id, error = %e, "could not assign a wave's vehicles; will retry")
+                }
+            }
+        }
+        if !roll_back.is_empty() {
+            let vehicles = roll_back.iter().map(|(v, _)| v.clone()).collect();
+            if let Err(e) = self.ota.unassign_many(vehicles, &self.actor()).await {
+                tracing::error!(rollout = id, error = %e, "could not withdraw assignments; will retry");
+                return;
+            }
+            for (vehicle, to_version) in roll_back {
+                self.link
+                    .command_rollback(
+                        &vehicle,
+                        &l.image.version,
+                        to_version.as_deref(),
+                        &l.image.hardware_id,
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Makes the director and the vehicles agree with the stored rollouts: in-flight vehicles
+    /// hold their assignment, rolling-back ones have none and hear the command again.
+    async fn reconcile(&self) {
+        let live = self.live.lock().await;
+        let assignments = match self.store.read(crate::ota::db::assignments).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read assignments to reconcile rollouts");
+                return;
+            }
+        };
+        let held: BTreeMap<&str, i64> = assignments
+            .iter()
+            .map(|a| (a.vehicle_id.as_str(), a.image_id))
+            .collect();
+        for (id, l) in live.iter() {
+            let mut decisions = Vec::new();
+            for (vehicle, v) in l.machine.vehicles() {
+                let has = held.get(vehicle.as_str()) == Some(&l.image.id);
+                if v.stage.in_flight() && v.outcome.is_none() && !has && l.machine.is_active() {
+                    decisions.push(Decision::Assign {
+                        vehicle: vehicle.clone(),
+                        wave: v.wave.unwrap_or_default(),
+                    });
+                } else if v.stage == Stage::RollingBack {
+                    decisions.push(Decision::RollBack {
+                        vehicle: vehicle.clone(),
+                        to_version: v.from_version.clone(),
+                    });
+                }
+            }
+            if !decisions.is_empty() {
+                self.carry_out(*id, l, &decisions).await;
+            }
+        }
+    }
+
+    async fn tick(&self) {
+        let mut live = self.live.lock().await;
+        let ids: Vec<i64> = live
+            .iter()
+            .filter(|(_, l)| l.machine.is_active())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Err(e) = self.apply(&mut live, id, Event::Tick, CANARY, None).await {
+                tracing::error!(rollout = id, error = %e, "rollout step failed");
+            }
+        }
+    }
+
+    fn needs<'a>(&self, image: &'a ImageRow, soak_ms: i64) -> eligibility::Needs<'a> {
+        eligibility::Needs {
+            hardware_id: &image.hardware_id,
+            version: &image.version,
+            image_bytes: image.length.max(0) as u64,
+            soak: Duration::from_millis(soak_ms.max(0) as u64),
+        }
+    }
+
+    /// Re-judges the waiting vehicles' readiness; a change becomes an event.
+    async fn refresh_eligibility(&self) {
+        let vehicles = match self.store.read(crate::link::db::list).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the registry for eligibility");
+                return;
+            }
+        };
+        let now = unix_ms(self.clock.now());
+        let mut live = self.live.lock().await;
+        let mut events = Vec::new();
+        for (id, l) in live.iter() {
+            if !l.machine.is_active() {
+                continue;
+            }
+            let needs = self.needs(&l.image, l.machine.plan().soak_ms);
+            for v in &vehicles {
+                let Some(mine) = l.machine.vehicles().get(&v.id) else {
+                    continue;
+                };
+                if mine.stage != Stage::Waiting {
+                    continue;
+                }
+                let reasons = eligibility::reasons(v, &needs, &self.config, now);
+                // Only a change of verdict is an event: the wording ("leaves in 41 min") moves
+                // with the clock.
+                if reasons.is_empty() != mine.eligible {
+                    events.push((
+                        *id,
+                        if reasons.is_empty() {
+                            Event::Eligible {
+                                vehicle: v.id.clone(),
+                            }
+                        } else {
+                            Event::Ineligible {
+                                vehicle: v.id.clone(),
+                                reasons,
+                            }
+                        },
+                    ));
+                }
+            }
+        }
+        for (id, event) in events {
+            if let Err(e) = self.apply(&mut live, id, event, CANARY, None).await {
+                tracing::error!(rollout = id, error = %e, "rollout step failed");
+            }
+        }
+    }
+
+    async fn on_vehicle(&self, event: VehicleEvent) {
+        let (vehicle, report_version, canary_event) = match &event {
+            VehicleEvent::Ota { vehicle, report } => {
+                let why = |what: &str| {
+                    format!(
+                        "{what}: {}",
+                        report.error.as_deref().unwrap_or("no reason given")
+                    )
+                };
+                let v = vehicle.clone();
+                let e = match (report.phase, report.outcome) {
+                    (OtaPhase::Download, OtaOutcome::Started | OtaOutcome::Progress) => {
+                        Some(Event::Downloading { vehicle: v })
+                    }
+                    (OtaPhase::Download, OtaOutcome::Failed) => Some(Event::Failed {
+                        vehicle: v,
+                        reason: why("download"),
+                    }),
+                    (OtaPhase::Install, OtaOutcome::Succeeded) => {
+                        Some(Event::Installed { vehicle: v })
+                    }
+                    (OtaPhase::Install, OtaOutcome::Failed) => Some(Event::Failed {
+                        vehicle: v,
+                        reason: why("install"),
+                    }),
+                    (OtaPhase::Boot, OtaOutcome::Succeeded) => {
+                        Some(Event::BootedGood { vehicle: v })
+                    }
+                    (OtaPhase::Boot, OtaOutcome::Failed) => Some(Event::Failed {
+                        vehicle: v,
+                        reason: why("boot"),
+                    }),
+                    (OtaPhase::Health, OtaOutcome::Succeeded) => {
+                        Some(Event::HealthPass { vehicle: v })
+                    }
+                    (OtaPhase::Health, OtaOutcome::Failed) => Some(Event::HealthFail {
+                        vehicle: v,
+                        reason: report.error.clone().unwrap_or_default(),
+                    }),
+                    (OtaPhase::Rollback, OtaOutcome::Succeeded) => {
+                        Some(Event::RolledBack { vehicle: v })
+                    }
+                    _ => None,
+                };
+                (vehicle, Some(report.version.clone()), e)
+            }
+            VehicleEvent::Health { vehicle, health } if health.status == HealthStatus::Failed => (
+                vehicle,
+                None,
+                Some(Event::HealthFail {
+                    vehicle: vehicle.clone(),
+                    reason: health.faults.join("; "),
+                }),
+            ),
+            VehicleEvent::Link {
+                vehicle,
+                online: true,
+            }
+            | VehicleEvent::Docked { vehicle, .. } => {
+                // Back in reach: a rollback it may have missed is said again.
+                self.resend_rollback(vehicle).await;
+                return;
+            }
+            _ => return,
+        };
+        let Some(canary_event) = canary_event else {
+            return;
+        };
+        let mut live = self.live.lock().await;
+        let ids: Vec<i64> = live
+            .iter()
+            .filter(|(_, l)| {
+                l.machine.vehicles().contains_key(vehicle)
+                    && report_version
+                        .as_deref()
+                        .is_none_or(|v| v == l.image.version)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Err(e) = self
+                .apply(&mut live, id, canary_event.clone(), vehicle, None)
+                .await
+            {
+                tracing::error!(rollout = id, error = %e, "rollout step failed");
+            }
+        }
+    }
+
+    async fn resend_rollback(&self, vehicle: &str) {
+        let live = self.live.lock().await;
+        for l in live.values() {
+            if let Some(v) = l.machine.vehicles().get(vehicle)
+                && v.stage == Stage::RollingBack
+            {
+                self.link
+                    .command_rollback(
+                        vehicle,
+                        &l.image.version,
+                        v.from_version.as_deref(),
+                        &l.image.hardware_id,
+                    )
+                    .await;
+            }
+        }
+    }
+
+    fn announce(&self, id: i64, machine: &Rollout) {
+        let _ = self.panel.send(PanelEvent {
+            kind: "rollout",
+            data: json!({"id": id, "phase": machine.phase().name(), "wave": machine.wave() + 1,
+                         "counts": machine.counts(), "gate": machine.judgement()}),
+        });
+    }
+
+    pub async fn list(&self) -> Result<Vec<RolloutView>, RolloutError> {
+        let rows = self.store.read(db::list).await?;
+        rows.into_iter().map(|r| view(r, false)).collect()
+    }
+
+    pub async fn get(&self, id: i64) -> Result<RolloutView, RolloutError> {
+        let row = self
+            .store
+            .read(move |c| db::get(c, id))
+            .await?
+            .ok_or_else(|| RolloutError::NotFound(format!("no rollout {id}")))?;
+        view(row, true)
+    }
+
+    /// The runbooks' readiness check: whether `vehicle` could take `version` (default: the
+    /// newest staged image for its hardware) now, and why not.
+    pub async fn readiness(
+        &self,
+        vehicle: &str,
+        version: Option<&str>,
+    ) -> Result<(bool, Vec<String>, String), RolloutError> {
+        let id = vehicle.to_owned();
+        let view = self
+            .store
+            .read(move |c| crate::link::db::get(c, &id))
+            .await?
+            .ok_or_else(|| RolloutError::NotFound(format!("no vehicle {vehicle}")))?;
+        let image = match version {
+            Some(v) => self.ota.find(v, view.hardware_id.as_deref()).await?,
+            None => {
+                let hw = view.hardware_id.clone();
+                self.store
+                    .read(move |c| crate::ota::db::images(c, false))
+                    .await?
+                    .into_iter()
+                    .filter(|i| Some(&i.hardware_id) == hw.as_ref() && i.corrupt_at.is_none())
+                    .max_by(|a, b| {
+                        match (
+                            semver::Version::parse(&a.version),
+                            semver::Version::parse(&b.version),
+                        ) {
+                            (Ok(x), Ok(y)) => x.cmp(&y),
+                            _ => a.staged_at.cmp(&b.staged_at),
+                        }
+                    })
+                    .ok_or_else(|| {
+                        RolloutError::NotFound(format!("no image staged for {vehicle}'s hardware"))
+                    })?
+            }
+        };
+        let now = unix_ms(self.clock.now());
+        let needs = self.needs(&image, ms(self.config.soak));
+        let mut reasons = eligibility::reasons(&view, &needs, &self.config, now);
+        let live = self.live.lock().await;
+        for (id, l) in live.iter() {
+            if l.machine.is_active()
+                && l.machine
+                    .vehicles()
+                    .get(vehicle)
+                    .is_some_and(|v| v.stage != Stage::Waiting && v.stage != Stage::Succeeded)
+            {
+                reasons.push(format!("taking part in rollout {id}"));
+            }
+        }
+        Ok((reasons.is_empty(), reasons, image.version))
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn view(row: db::RolloutRow, with_vehicles: bool) -> Result<RolloutView, RolloutError> {
+    let machine: Rollout = serde_json::from_str(&row.machine)
+        .map_err(|e| RolloutError::Corrupt(row.id, e.to_string()))?;
+    let vehicles = with_vehicles.then(|| {
+        machine
+            .vehicles()
+            .iter()
+            .map(|(id, v)| VehicleRow {
+                id: id.clone(),
+                stage: v.stage,
+                outcome: v.outcome.clone(),
+                eligible: v.eligible,
+                reasons: v.reasons.clone(),
+                wave: v.wave.map(|w| w + 1),
+                from_version: v.from_version.clone(),
+            })
+            .collect()
+    });
+    Ok(RolloutView {
+        id: row.id,
+        hardware_id: row.hardware_id,
+        version: row.version,
+        phase: machine.phase().name(),
+        status: machine.phase().clone(),
+        wave: machine.wave() + 1,
+        waves: machine.waves(),
+        gate: machine.judgement(),
+        counts: machine.counts(),
+        plan: machine.plan().clone(),
+        created_at: crate::audit::rfc3339(row.created_at),
+        created_by: row.created_by,
+        updated_at: crate::audit::rfc3339(row.updated_at),
+        vehicles,
+    })
+}

@@ -1,0 +1,225 @@
+//! Canary rollouts through the real depot: simulated vehicles (`atlasmesh sim`, pulling real
+//! OTA through the reference client) take a good release wave by wave, and a bad one halts in
+//! its first wave and rolls back.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use atlasmesh_tests::http;
+use atlasmesh_tests::ota::{Fleet, OtaDepot, random_bytes};
+use serde_json::{Value, json};
+
+const HW: &str = "canary-hw";
+const VEHICLES: usize = 30;
+
+struct Sim(Child);
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
+}
+
+fn post(depot: &OtaDepot, path: &str, body: Value) -> (u16, Value) {
+    let response = http()
+        .post(depot.url(path))
+        .bearer_auth(&depot.token)
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
+    let fleet = Fleet::new().unwrap();
+    let depot = OtaDepot::start(
+        &fleet,
+        &[
+            // Simulated vehicles run ten times fast and dock for seconds, not hours.
+            ("ATLASMESH_CANARY__INSTALL_ESTIMATE", "1s"),
+            ("ATLASMESH_CANARY__DEPARTURE_MARGIN", "0s"),
+        ],
+    )
+    .unwrap();
+    for (version, seed) in [("2.0.0", 2), ("3.0.0", 3)] {
+        fleet
+            .add(HW, version, &random_bytes(200_000, seed), &[])
+            .unwrap();
+        let staged = depot.stage_dir(&fleet.repo, HW, version).unwrap();
+        assert_eq!(staged["state"], "staged", "{staged}");
+    }
+    depot.certify(&fleet).unwrap();
+    let _sim = Sim(atlasmesh_tests::atlasmesh()
+        .args([
+            "sim",
+            "--depot",
+            &depot.url("/"),
+            "--vehicles",
+            &VEHICLES.to_string(),
+        ])
+        .args([
+            "--sim-second",
+            "100ms",
+            "--seed",
+            "11",
+            "--sim-hardware",
+            HW,
+        ])
+        .args(["--sim-version", "1.0.0", "--fail", "3.0.0=0.7"])
+        .env("ATLASMESH_TOKEN", &depot.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_for(
+        "the simulated vehicles report",
+        Duration::from_secs(60),
+        || {
+            let vehicles = depot.get("/api/v1/vehicles").unwrap();
+            vehicles["vehicles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["installed_version"] == "1.0.0")
+                .count()
+                == VEHICLES
+        },
+    );
+
+    // The default gate cannot be shown with 30 vehicles: refused, saying what would work.
+    let (status, refused) = post(&depot, "/api/v1/rollouts", json!({"version": "2.0.0"}));
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at least 133 vehicles"),
+        "{refused}"
+    );
+
+    let plan = |version: &str| {
+        json!({
+            "version": version,
+            "waves": [{"count": 5}, {"percent": 50}, {"percent": 100}],
+            "gate": {"threshold": 0.8, "confidence": 0.8},
+            "soak": "2s",
+            "vehicle_deadline": "60s",
+            "max_concurrent": 10,
+        })
+    };
+    let (status, good) = post(&depot, "/api/v1/rollouts", plan("2.0.0"));
+    assert_eq!(status, 201, "{good}");
+    let good_id = good["id"].as_i64().unwrap();
+    assert_eq!(good["waves"][0]["target"], 5);
+    let mut last = Value::Null;
+    wait_for(
+        "the good release completes",
+        Duration::from_secs(120),
+        || {
+            last = depot.get(&format!("/api/v1/rollouts/{good_id}")).unwrap();
+            assert_ne!(last["phase"], "halted", "{last}");
+            last["phase"] == "completed"
+        },
+    );
+    assert_eq!(last["counts"]["succeeded"], VEHICLES, "{last}");
+    assert_eq!(last["gate"]["verdict"], "pass");
+    wait_for(
+        "the registry shows 2.0.0 everywhere",
+        Duration::from_secs(30),
+        || {
+            let vehicles = depot.get("/api/v1/vehicles").unwrap();
+            vehicles["vehicles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v["installed_version"] == "2.0.0")
+        },
+    );
+
+    // A release failing on most vehicles halts within its first wave.
+    let (status, bad) = post(&depot, "/api/v1/rollouts", plan("3.0.0"));
+    assert_eq!(status, 201, "{bad}");
+    let bad_id = bad["id"].as_i64().unwrap();
+    wait_for("the bad release halts", Duration::from_secs(90), || {
+        last = depot.get(&format!("/api/v1/rollouts/{bad_id}")).unwrap();
+        last["phase"] == "halted"
+    });
+    assert_eq!(last["wave"], 1, "{last}");
+    assert!(
+        last["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wave 1 cannot pass the gate"),
+        "{last}"
+    );
+    let assigned: Vec<&Value> = last["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["wave"].is_null())
+        .collect();
+    assert!(!assigned.is_empty() && assigned.len() <= 5, "{last}");
+    assert!(assigned.iter().all(|v| v["wave"] == 1));
+    // Every vehicle it touched comes back to 2.0.0, and says so.
+    wait_for(
+        "the first wave is rolled back",
+        Duration::from_secs(60),
+        || {
+            last = depot.get(&format!("/api/v1/rollouts/{bad_id}")).unwrap();
+            last["vehicles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| !v["wave"].is_null())
+                .all(|v| v["stage"] == "rolled_back")
+        },
+    );
+    wait_for(
+        "the registry shows 2.0.0 everywhere again",
+        Duration::from_secs(30),
+        || {
+            let vehicles = depot.get("/api/v1/vehicles").unwrap();
+            vehicles["vehicles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v["installed_version"] == "2.0.0")
+        },
+    );
+    let assignments = depot.get("/api/v1/assignments").unwrap();
+    assert!(
+        !assignments.to_string().contains("3.0.0"),
+        "withdrawn: {assignments}"
+    );
+    // Halted stays halted; a technician cannot start another rollout over it.
+    let (status, _) = post(&depot, "/api/v1/rollouts", plan("3.0.0"));
+    assert_eq!(status, 409);
+    // Pausing a halted rollout is refused; rolling it back (admin) finishes it.
+    let (status, _) = post(
+        &depot,
+        &format!("/api/v1/rollouts/{bad_id}/pause"),
+        json!({}),
+    );
+    assert_eq!(status, 409);
+    let (status, rolled) = post(
+        &depot,
+        &format!("/api/v1/rollouts/{bad_id}/rollback"),
+        json!({}),
+    );
+    assert_eq!(status, 200, "{rolled}");
+    assert_eq!(rolled["phase"], "rolled_back");
+}
