@@ -183,10 +183,12 @@ impl Server {
             Mode::Depot => cmd.arg("depot"),
             Mode::Cloud => cmd.arg("cloud"),
         };
-        cmd.arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--http", "127.0.0.1:0"])
-            .args(&options.args);
+        cmd.arg("--data-dir").arg(&data_dir);
+        // A free port unless the test fixes one (to restart on the same address).
+        if !options.args.iter().any(|a| a == "--http") {
+            cmd.args(["--http", "127.0.0.1:0"]);
+        }
+        cmd.args(&options.args);
         cmd.env("ATLASMESH_LOG__LEVEL", "info");
         // Tests run side by side: the embedded broker takes a free port, reported in the log.
         cmd.env("ATLASMESH_VEHICLE_LINK__LISTEN", "127.0.0.1:0");

@@ -5,8 +5,8 @@
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use atlasmesh_tests::http;
-use atlasmesh_tests::ota::{Fleet, OtaDepot, random_bytes};
+use atlasmesh_tests::ota::{Fleet, OtaDepot, random_bytes, s};
+use atlasmesh_tests::{Options, Server, free_port, http};
 use serde_json::{Value, json};
 
 const HW: &str = "canary-hw";
@@ -43,18 +43,17 @@ fn post(depot: &OtaDepot, path: &str, body: Value) -> (u16, Value) {
     (status, response.json().unwrap_or(Value::Null))
 }
 
-#[test]
-fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
-    let fleet = Fleet::new().unwrap();
-    let depot = OtaDepot::start(
-        &fleet,
-        &[
-            // Simulated vehicles run ten times fast and dock for seconds, not hours.
-            ("ATLASMESH_CANARY__INSTALL_ESTIMATE", "1s"),
-            ("ATLASMESH_CANARY__DEPARTURE_MARGIN", "0s"),
-        ],
-    )
-    .unwrap();
+/// A depot with 2.0.0 and 3.0.0 staged for `HW`, and the simulator running `VEHICLES`
+/// vehicles on 1.0.0 against it (3.0.0 fails to install on 70 % of them); `sim_second` sets
+/// how fast they live.
+fn depot_with_fleet(fleet: &Fleet, env: &[(&str, &str)], sim_second: &str) -> (OtaDepot, Sim) {
+    let mut all = vec![
+        // Simulated vehicles run ten times fast and dock for seconds, not hours.
+        ("ATLASMESH_CANARY__INSTALL_ESTIMATE", "1s"),
+        ("ATLASMESH_CANARY__DEPARTURE_MARGIN", "0s"),
+    ];
+    all.extend_from_slice(env);
+    let depot = OtaDepot::start(fleet, &all).unwrap();
     for (version, seed) in [("2.0.0", 2), ("3.0.0", 3)] {
         fleet
             .add(HW, version, &random_bytes(200_000, seed), &[])
@@ -62,29 +61,31 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
         let staged = depot.stage_dir(&fleet.repo, HW, version).unwrap();
         assert_eq!(staged["state"], "staged", "{staged}");
     }
-    depot.certify(&fleet).unwrap();
-    let _sim = Sim(atlasmesh_tests::atlasmesh()
-        .args([
-            "sim",
-            "--depot",
-            &depot.url("/"),
-            "--vehicles",
-            &VEHICLES.to_string(),
-        ])
-        .args([
-            "--sim-second",
-            "100ms",
-            "--seed",
-            "11",
-            "--sim-hardware",
-            HW,
-        ])
-        .args(["--sim-version", "1.0.0", "--fail", "3.0.0=0.7"])
-        .env("ATLASMESH_TOKEN", &depot.token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    depot.certify(fleet).unwrap();
+    let mut sim = atlasmesh_tests::atlasmesh();
+    sim.args([
+        "sim",
+        "--depot",
+        &depot.url("/"),
+        "--vehicles",
+        &VEHICLES.to_string(),
+    ])
+    .args([
+        "--sim-second",
+        "100ms",
+        "--seed",
+        "11",
+        "--sim-hardware",
+        HW,
+    ])
+    .args(["--sim-version", "1.0.0", "--fail", "3.0.0=0.7"])
+    .env("ATLASMESH_TOKEN", &depot.token)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(mqtt) = &depot.server.mqtt {
+        sim.args(["--mqtt", &format!("mqtt://{mqtt}")]);
+    }
+    let sim = Sim(sim.spawn().unwrap());
     wait_for(
         "the simulated vehicles report",
         Duration::from_secs(60),
@@ -99,6 +100,24 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
                 == VEHICLES
         },
     );
+    (depot, sim)
+}
+
+fn plan(version: &str, soak: &str) -> Value {
+    json!({
+        "version": version,
+        "waves": [{"count": 5}, {"percent": 50}, {"percent": 100}],
+        "gate": {"threshold": 0.8, "confidence": 0.8},
+        "soak": soak,
+        "vehicle_deadline": "60s",
+        "max_concurrent": 10,
+    })
+}
+
+#[test]
+fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
+    let fleet = Fleet::new().unwrap();
+    let (depot, _sim) = depot_with_fleet(&fleet, &[], "100ms");
 
     // The default gate cannot be shown with 30 vehicles: refused, saying what would work.
     let (status, refused) = post(&depot, "/api/v1/rollouts", json!({"version": "2.0.0"}));
@@ -111,17 +130,7 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
         "{refused}"
     );
 
-    let plan = |version: &str| {
-        json!({
-            "version": version,
-            "waves": [{"count": 5}, {"percent": 50}, {"percent": 100}],
-            "gate": {"threshold": 0.8, "confidence": 0.8},
-            "soak": "2s",
-            "vehicle_deadline": "60s",
-            "max_concurrent": 10,
-        })
-    };
-    let (status, good) = post(&depot, "/api/v1/rollouts", plan("2.0.0"));
+    let (status, good) = post(&depot, "/api/v1/rollouts", plan("2.0.0", "2s"));
     assert_eq!(status, 201, "{good}");
     let good_id = good["id"].as_i64().unwrap();
     assert_eq!(good["waves"][0]["target"], 5);
@@ -151,7 +160,7 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
     );
 
     // A release failing on most vehicles halts within its first wave.
-    let (status, bad) = post(&depot, "/api/v1/rollouts", plan("3.0.0"));
+    let (status, bad) = post(&depot, "/api/v1/rollouts", plan("3.0.0", "2s"));
     assert_eq!(status, 201, "{bad}");
     let bad_id = bad["id"].as_i64().unwrap();
     wait_for("the bad release halts", Duration::from_secs(90), || {
@@ -206,7 +215,7 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
         "withdrawn: {assignments}"
     );
     // Halted stays halted; a technician cannot start another rollout over it.
-    let (status, _) = post(&depot, "/api/v1/rollouts", plan("3.0.0"));
+    let (status, _) = post(&depot, "/api/v1/rollouts", plan("3.0.0", "2s"));
     assert_eq!(status, 409);
     // Pausing a halted rollout is refused; rolling it back (admin) finishes it.
     let (status, _) = post(
@@ -222,4 +231,74 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
     );
     assert_eq!(status, 200, "{rolled}");
     assert_eq!(rolled["phase"], "rolled_back");
+}
+
+#[test]
+fn a_depot_killed_mid_wave_resumes_exactly_where_it_was() {
+    let fleet = Fleet::new().unwrap();
+    // Fixed ports, so the simulated vehicles find the restarted depot where they left it.
+    let mqtt_addr = format!("127.0.0.1:{}", free_port());
+    // Vehicles dock for 12 to 48 s here, long enough for a 10 s soak.
+    let (depot, _sim) = depot_with_fleet(
+        &fleet,
+        &[("ATLASMESH_VEHICLE_LINK__LISTEN", &mqtt_addr)],
+        "200ms",
+    );
+    let (status, rollout) = post(&depot, "/api/v1/rollouts", plan("2.0.0", "10s"));
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_i64().unwrap();
+    let path = format!("/api/v1/rollouts/{id}");
+    // Mid-wave: the canary's five have installed and are soaking; nothing else is assigned.
+    let mut before = Value::Null;
+    wait_for("the canary wave soaks", Duration::from_secs(60), || {
+        before = depot.get(&path).unwrap();
+        before["counts"]["soaking"] == 5
+    });
+
+    let OtaDepot { mut server, token } = depot;
+    let addr = server.addr.to_string();
+    server.kill9().unwrap();
+    let (data_dir, temp) = server.into_parts();
+    let server = Server::start(Options {
+        data_dir: Some(data_dir),
+        env: vec![
+            ("ATLASMESH_OTA__FLEET_ROOT".into(), s(&fleet.root()).into()),
+            ("ATLASMESH_VEHICLE_LINK__LISTEN".into(), mqtt_addr.clone()),
+            ("ATLASMESH_CANARY__INSTALL_ESTIMATE".into(), "1s".into()),
+            ("ATLASMESH_CANARY__DEPARTURE_MARGIN".into(), "0s".into()),
+        ],
+        args: vec!["--http".into(), addr],
+        ..Options::default()
+    })
+    .unwrap();
+    let _temp = temp;
+    let depot = OtaDepot { server, token };
+    let after = depot.get(&path).unwrap();
+    assert_eq!(after["phase"], "running", "{after}");
+    assert_eq!(after["wave"], before["wave"]);
+    assert_eq!(after["counts"]["soaking"], 5, "{after}");
+    let stages = |v: &Value| -> Vec<(String, String)> {
+        v["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["id"].to_string(), v["stage"].to_string()))
+            .collect()
+    };
+    assert_eq!(stages(&after), stages(&before));
+    // ...and carries on to the end.
+    let start = Instant::now();
+    let mut last = depot.get(&path).unwrap();
+    while last["phase"] != "completed" {
+        assert_ne!(last["phase"], "halted", "{last}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "not completed after the restart: {}\n{}",
+            last,
+            depot.server.logs().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        last = depot.get(&path).unwrap();
+    }
+    assert_eq!(last["counts"]["succeeded"], VEHICLES);
 }
