@@ -72,7 +72,7 @@ fn depot_with_fleet(fleet: &Fleet, env: &[(&str, &str)], sim_second: &str) -> (O
     ])
     .args([
         "--sim-second",
-        "100ms",
+        sim_second,
         "--seed",
         "11",
         "--sim-hardware",
