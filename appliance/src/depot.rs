@@ -159,6 +159,7 @@ async fn run_locked(
     .context("starting the vehicle link")?;
     let rollouts = crate::rollouts::Rollouts::start(
         crate::rollouts::RolloutParts {
+            depot_id: prepared.depot_id.clone(),
             store: store.clone(),
             ota: ota.clone(),
             link: link.clone(),

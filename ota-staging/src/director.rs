@@ -128,6 +128,16 @@ pub struct Director {
     root_v1: Vec<u8>,
 }
 
+/// An ed25519 signature by one of the director's keys over a non-TUF statement.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatementSignature {
+    /// The director role whose key signed: its key id is listed in the director root.
+    pub role: &'static str,
+    pub key_id: String,
+    pub public_key: String,
+    pub signature: String,
+}
+
 /// Versions of one publication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Published {
@@ -186,6 +196,24 @@ impl Director {
             keys,
             root_v1,
         })
+    }
+
+    /// Signs a statement that is not TUF metadata (rollout evidence) with the director's
+    /// targets key, whose trust follows from the fleet-certified root. The message is signed as
+    /// `domain`, a newline, then the message, so the signature can never pass for one over TUF
+    /// metadata (canonical JSON, which starts with `{`).
+    pub fn sign_statement(&self, domain: &str, message: &[u8]) -> StatementSignature {
+        let key = &self.keys[1];
+        let mut signed = Vec::with_capacity(domain.len() + 1 + message.len());
+        signed.extend_from_slice(domain.as_bytes());
+        signed.push(b'\n');
+        signed.extend_from_slice(message);
+        StatementSignature {
+            role: "targets",
+            key_id: hex::encode(key.key_id().as_ref()),
+            public_key: key.public_hex(),
+            signature: hex::encode(key.sign(&signed)),
+        }
     }
 
     /// The exact bytes of `1.root.json`, which the fleet certificate binds.

@@ -231,6 +231,62 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
     );
     assert_eq!(status, 200, "{rolled}");
     assert_eq!(rolled["phase"], "rolled_back");
+
+    // The evidence bundle checks out with an independent verifier (Python, `cryptography`)
+    // against the director root the fleet certified...
+    let dir = tempfile::tempdir().unwrap();
+    let bundle_file = dir.path().join("evidence.json");
+    let root_file = dir.path().join("director-root.json");
+    let bundle = depot
+        .get(&format!("/api/v1/rollouts/{bad_id}/evidence"))
+        .unwrap();
+    assert_eq!(bundle["chain"]["verified"], true, "{bundle}");
+    std::fs::write(&bundle_file, bundle.to_string()).unwrap();
+    let root = http()
+        .get(depot.url("/tuf/director/metadata/1.root.json"))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    std::fs::write(&root_file, &root).unwrap();
+    let verify = |file: &std::path::Path| -> Value {
+        let (status, stdout, stderr) = atlasmesh_tests::run(
+            atlasmesh_tests::python_peer("verify_evidence.py")
+                .arg(file)
+                .arg(&root_file),
+        )
+        .unwrap();
+        assert!(status.success(), "{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let verdict = verify(&bundle_file);
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    let decisions = verdict["decisions"].to_string();
+    for d in ["assign", "halt", "roll_back"] {
+        assert!(decisions.contains(d), "{d} missing from {decisions}");
+    }
+    // ...and shows an entry changed after the fact, in the bundle or in the store.
+    let mut forged = bundle.clone();
+    let entry = format!("{} ", forged["log"][1]["entry"].as_str().unwrap());
+    forged["log"][1]["entry"] = entry.into();
+    std::fs::write(&bundle_file, forged.to_string()).unwrap();
+    let verdict = verify(&bundle_file);
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    let db = rusqlite::Connection::open(depot.server.data_dir.join("depot.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute(
+        "UPDATE rollout_log SET entry = replace(entry, 'halt', 'note') WHERE rollout_id = ?1",
+        [bad_id],
+    )
+    .unwrap();
+    let bundle = depot
+        .get(&format!("/api/v1/rollouts/{bad_id}/evidence"))
+        .unwrap();
+    assert_eq!(bundle["chain"]["verified"], false, "{bundle}");
+    assert!(
+        bundle["signature"].is_null(),
+        "a broken chain is not signed"
+    );
 }
 
 #[test]

@@ -24,6 +24,7 @@ pub fn routes() -> Router<AppState> {
         .route("/rollouts/{id}/resume", post(resume))
         .route("/rollouts/{id}/halt", post(halt))
         .route("/rollouts/{id}/rollback", post(rollback))
+        .route("/rollouts/{id}/evidence", get(evidence))
         .route("/vehicles/{id}/readiness", get(readiness))
 }
 
@@ -172,4 +173,18 @@ async fn readiness(
         axum::Json(json!({"vehicle": id, "version": version, "ready": ready, "reasons": reasons}))
             .into_response(),
     )
+}
+
+async fn evidence(
+    _caller: Auth<Viewer>,
+    State(app): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    let bundle = app.rollouts.evidence(id).await.map_err(rollout_error)?;
+    let disposition = format!("attachment; filename=\"rollout-{id}-evidence.json\"");
+    Ok((
+        [(axum::http::header::CONTENT_DISPOSITION, disposition)],
+        axum::Json(bundle),
+    )
+        .into_response())
 }

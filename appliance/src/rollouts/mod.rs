@@ -39,6 +39,9 @@ use crate::ota::db::ImageRow;
 use crate::ota::{Actor, Ota, OtaError};
 use crate::store::{Store, StoreError, unix_ms};
 
+/// Names the bundle format and separates its signatures from any other use of the key.
+const EVIDENCE_FORMAT: &str = "atlasmesh-rollout-evidence/1";
+
 /// The name automatic steps are logged and audited under.
 const CANARY: &str = "canary";
 
@@ -224,6 +227,7 @@ fn serde_plain<T: Serialize>(value: &T) -> String {
 }
 
 pub struct RolloutParts {
+    pub depot_id: String,
     pub store: Store,
     pub ota: Arc<Ota>,
     pub link: Arc<VehicleLink>,
@@ -233,6 +237,7 @@ pub struct RolloutParts {
 }
 
 pub struct Rollouts {
+    depot_id: String,
     store: Store,
     ota: Arc<Ota>,
     link: Arc<VehicleLink>,
@@ -270,6 +275,7 @@ impl Rollouts {
             live.insert(row.id, Live { machine, image });
         }
         let rollouts = Arc::new(Rollouts {
+            depot_id: parts.depot_id,
             store: parts.store,
             ota: parts.ota,
             link: parts.link,
@@ -861,6 +867,54 @@ impl Rollouts {
             .await?
             .ok_or_else(|| RolloutError::NotFound(format!("no rollout {id}")))?;
         view(row, true)
+    }
+
+    /// The evidence bundle: the rollout, every log entry exactly as stored with its hash
+    /// links, and a manifest naming the chain's head, signed by the depot's director targets
+    /// key. A broken chain is reported, and then nothing is signed.
+    pub async fn evidence(&self, id: i64) -> Result<serde_json::Value, RolloutError> {
+        let (row, log) = self
+            .store
+            .read(move |c| Ok::<_, StoreError>((db::get(c, id)?, db::log(c, id)?)))
+            .await?;
+        let row = row.ok_or_else(|| RolloutError::NotFound(format!("no rollout {id}")))?;
+        let chain = db::verify(&log);
+        let head = log
+            .last()
+            .map(|r| hex::encode(&r.hash))
+            .unwrap_or_else(|| hex::encode([0u8; 32]));
+        let manifest = json!({
+            "format": EVIDENCE_FORMAT,
+            "depot": self.depot_id,
+            "rollout": row.id,
+            "hardware_id": row.hardware_id,
+            "version": row.version,
+            "entries": log.len(),
+            "head_sha256": head,
+            "generated_at": crate::audit::rfc3339(unix_ms(self.clock.now())),
+        })
+        .to_string();
+        let signature = chain.is_ok().then(|| {
+            self.ota
+                .director
+                .sign_statement(EVIDENCE_FORMAT, manifest.as_bytes())
+        });
+        let entries: Vec<serde_json::Value> = log
+            .iter()
+            .map(|r| {
+                json!({"seq": r.seq, "at": crate::audit::rfc3339(r.at), "entry": r.entry,
+                       "prev_sha256": hex::encode(&r.prev_hash), "sha256": hex::encode(&r.hash)})
+            })
+            .collect();
+        Ok(json!({
+            "manifest": manifest,
+            "signature": signature,
+            "chain": {"verified": chain.is_ok(), "broken_at": chain.err()},
+            "hashing": "sha256(prev_sha256 bytes || seq as 8 bytes big-endian || entry bytes); the first prev is 32 zero bytes",
+            "signing": format!("ed25519 over \"{EVIDENCE_FORMAT}\\n\" followed by the manifest bytes; the key is the targets key of /tuf/director/metadata/1.root.json"),
+            "rollout": view(row, true)?,
+            "log": entries,
+        }))
     }
 
     /// The runbooks' readiness check: whether `vehicle` could take `version` (default: the
