@@ -69,6 +69,15 @@
         return body;
       }
       case "assign": return { vehicle_id: text("vehicle_id"), version: text("version") };
+      case "rollout": {
+        const body = { version: text("version") };
+        if (text("hardware")) body.hardware = text("hardware");
+        if (text("canary")) body.waves = [{ count: parseInt(text("canary"), 10) }, { percent: 25 }, { percent: 100 }];
+        if (text("threshold") || text("confidence")) {
+          body.gate = { threshold: parseFloat(text("threshold") || "98") / 100, confidence: parseFloat(text("confidence") || "95") / 100 };
+        }
+        return body;
+      }
       default: return Object.fromEntries(f.entries());
     }
   }
@@ -183,6 +192,12 @@
     source.addEventListener("staging", (e) => onStaging(JSON.parse(e.data)));
     source.addEventListener("bays", (e) => onBays(JSON.parse(e.data)));
     source.addEventListener("vehicles", (e) => onVehicles(JSON.parse(e.data)));
+    // The rollout page redraws from the server, at most every two seconds.
+    let redraw = null;
+    source.addEventListener("rollout", () => {
+      if (!document.querySelector("[data-rollout]") || redraw) return;
+      redraw = window.setTimeout(() => window.location.reload(), 2000);
+    });
     // Other sections register their own handlers on this hook.
     window.atlasmesh = { source };
   }

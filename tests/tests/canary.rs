@@ -214,6 +214,28 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
         !assignments.to_string().contains("3.0.0"),
         "withdrawn: {assignments}"
     );
+    // The panel shows it: why it halted, the gate, the decision log, the actions.
+    let (panel, _) =
+        atlasmesh_tests::panel_login(&depot.server, "admin", &depot.server.admin_password())
+            .unwrap();
+    let page = panel
+        .get(depot.url("/rollouts"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for expected in [
+        "<strong>Halted: </strong>wave 1 cannot pass the gate",
+        "Decision log",
+        "Silent (counted as failures)",
+        &format!("POST /api/v1/rollouts/{bad_id}/rollback"),
+        "Earlier rollouts",
+    ] {
+        assert!(
+            page.contains(expected),
+            "{expected} not on the page:\n{page}"
+        );
+    }
     // Halted stays halted; a technician cannot start another rollout over it.
     let (status, _) = post(&depot, "/api/v1/rollouts", plan("3.0.0", "2s"));
     assert_eq!(status, 409);

@@ -869,6 +869,24 @@ impl Rollouts {
         view(row, true)
     }
 
+    /// The last `n` log entries, newest first, parsed.
+    pub async fn recent_log(
+        &self,
+        id: i64,
+        n: usize,
+    ) -> Result<Vec<(i64, i64, serde_json::Value)>, RolloutError> {
+        let log = self.store.read(move |c| db::log(c, id)).await?;
+        Ok(log
+            .into_iter()
+            .rev()
+            .take(n)
+            .map(|r| {
+                let entry = serde_json::from_str(&r.entry).unwrap_or(serde_json::Value::Null);
+                (r.seq, r.at, entry)
+            })
+            .collect())
+    }
+
     /// The evidence bundle: the rollout, every log entry exactly as stored with its hash
     /// links, and a manifest naming the chain's head, signed by the depot's director targets
     /// key. A broken chain is reported, and then nothing is signed.

@@ -39,10 +39,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(pages::overview))
         .route("/ota", get(pages::ota))
-        .route(
-            "/rollouts",
-            get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Rollouts)),
-        )
+        .route("/rollouts", get(pages::rollouts))
         .route("/vehicles", get(pages::vehicles))
         .route(
             "/charging",

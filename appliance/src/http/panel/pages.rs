@@ -495,6 +495,198 @@ pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
     layout(&app, &user, PageKind::Ota, content).into_response()
 }
 
+/// Canary rollouts: waves, the gate, the decision log, the vehicles; actions by role.
+pub async fn rollouts(user: PanelUser, State(app): State<AppState>) -> Response {
+    let list = match app.rollouts.list().await {
+        Ok(l) => l,
+        Err(e) => return super::super::error::ApiError::internal(e).into_response(),
+    };
+    let technician = user.role >= Role::Technician;
+    let admin = user.role >= Role::Admin;
+    // The newest rollout in full; the others as one line each.
+    let current = match list.first() {
+        Some(r) => match (
+            app.rollouts.get(r.id).await,
+            app.rollouts.recent_log(r.id, 25).await,
+        ) {
+            (Ok(view), Ok(log)) => Some((view, log)),
+            _ => None,
+        },
+        None => None,
+    };
+    let content = html! {
+        p.error data-api-error hidden {}
+        @if let Some((r, log)) = &current {
+            section.card.wide data-rollout=(r.id) {
+                h2 { "Rollout " (r.id) ": " (r.hardware_id) " → " (r.version) " " (phase_pill(r.phase)) }
+                @match &r.status {
+                    atlasmesh_canary::Phase::Halted { reason } => p { strong { "Halted: " } (reason) },
+                    atlasmesh_canary::Phase::Paused { reason } => p { strong { "Paused" } " (" (format!("{reason:?}").to_lowercase()) ")." },
+                    _ => {}
+                }
+                p.muted { "Started " (r.created_at) " by " (r.created_by) " · updated " (r.updated_at) ". Updated live." }
+                h3 { "Waves" }
+                @for w in &r.waves {
+                    @let done = w.succeeded + w.failed + w.silent;
+                    @let level = if w.failed + w.silent > 0 { "crit" } else { "ok" };
+                    div.wave {
+                        span { "Wave " (w.number) " · up to " (w.target) " vehicles" @if w.current { " · current" } }
+                        span.muted { " — " (w.assigned) " assigned, " (w.succeeded) " succeeded, " (w.failed) " failed, " (w.silent) " silent, " (w.in_flight) " in flight" }
+                        div.meter data-level=(level) { div.fill style=(format!("width: {}%", pct_of(done, w.assigned.max(1)))) {} }
+                    }
+                }
+                h3 { "Gate" }
+                table.data.compact {
+                    tbody {
+                        tr { th { "Successes" } td { (r.gate.tally.successes) } }
+                        tr { th { "Failures" } td { (r.gate.tally.failures) } }
+                        tr { th { "Silent (counted as failures)" } td { (r.gate.tally.silent) } }
+                        tr { th { "Pending" } td { (r.gate.tally.pending) } }
+                        tr { th { "Lower bound" } td { (r.gate.lower_bound.map(|b| format!("{:.2} %", b * 100.0)).unwrap_or_else(|| "—".into())) " against " (format!("{:.1} %", r.gate.threshold * 100.0)) " at " (format!("{:.0} %", r.gate.confidence * 100.0)) " confidence" } }
+                        tr { th { "Best case" } td { (r.gate.best_case.map(|b| format!("{:.2} %", b * 100.0)).unwrap_or_else(|| "—".into())) } }
+                        tr { th { "Verdict" } td { (format!("{:?}", r.gate.verdict).to_lowercase()) } }
+                    }
+                }
+                div.actions {
+                    @if technician && r.phase == "running" {
+                        button.small data-api-button=(format!("POST /api/v1/rollouts/{}/pause", r.id)) data-confirm="Pause this rollout? Vehicles already installing carry on." { "Pause" }
+                    }
+                    @if technician && (r.phase == "paused" || r.phase == "halted") {
+                        button.small data-api-button=(format!("POST /api/v1/rollouts/{}/resume", r.id)) data-confirm="Resume this rollout with its plan?" { "Resume" }
+                    }
+                    @if admin && r.phase != "completed" && r.phase != "rolled_back" {
+                        form.inline data-api=(format!("POST /api/v1/rollouts/{}/halt", r.id)) {
+                            input name="reason" placeholder="why" required;
+                            button.small.danger type="submit" data-confirm="Halt this rollout and roll back the vehicles in flight?" { "Halt" }
+                        }
+                    }
+                    @if admin && r.phase != "rolled_back" {
+                        button.small.danger data-api-button=(format!("POST /api/v1/rollouts/{}/rollback", r.id)) data-confirm="Roll every vehicle this rollout updated back to its previous version?" { "Roll back all" }
+                    }
+                    a.small href=(format!("/api/v1/rollouts/{}/evidence", r.id)) { "Evidence bundle" }
+                }
+                h3 { "Decision log" }
+                table.data.compact {
+                    thead { tr { th { "#" } th { "When" } th { "By" } th { "Input" } th { "Decisions" } } }
+                    tbody {
+                        @for (seq, at, entry) in log {
+                            tr {
+                                td { (seq) }
+                                td.nowrap { (when(Some(*at))) }
+                                td { (entry["actor"].as_str().unwrap_or("")) }
+                                td { (describe_event(&entry["event"])) }
+                                td { (describe_decisions(&entry["decisions"])) }
+                            }
+                        }
+                    }
+                }
+                @if let Some(vehicles) = &r.vehicles {
+                    h3 { "Vehicles (" (vehicles.len()) ")" }
+                    div.table-scroll {
+                        table.data.compact {
+                            thead { tr { th { "Vehicle" } th { "Stage" } th { "Wave" } th { "Outcome" } th { "Ready" } } }
+                            tbody {
+                                @for v in vehicles {
+                                    tr {
+                                        td { code { (v.id) } }
+                                        td { (serde_json::to_value(v.stage).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default()) }
+                                        td { (v.wave.map(|w| w.to_string()).unwrap_or_else(|| "—".into())) }
+                                        td { @match &v.outcome {
+                                            Some(atlasmesh_canary::Outcome::Succeeded) => span.pill.ok { "succeeded" },
+                                            Some(atlasmesh_canary::Outcome::Failed { reason }) => { span.pill.crit { "failed" } " " (reason) },
+                                            Some(atlasmesh_canary::Outcome::Silent) => span.pill.warn { "silent" },
+                                            None => span.muted { "—" },
+                                        } }
+                                        td { @if v.eligible { "yes" } @else { span.muted { (v.reasons.join("; ")) } } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        } @else {
+            section.card.wide {
+                h2 { "Rollouts" }
+                p { "No rollout yet. Stage an image on the OTA page, then start one here: the depot assigns it wave by wave to eligible docked vehicles and halts as soon as the gate can no longer pass." }
+            }
+        }
+        @if technician {
+            section.card {
+                h2 { "New rollout" }
+                form data-api="POST /api/v1/rollouts" data-json="rollout" {
+                    label { "Version " input name="version" required placeholder="2.0.0"; }
+                    label { "Hardware " input name="hardware" placeholder="if several"; }
+                    label { "Canary vehicles " input name="canary" type="number" min="1" placeholder="default: 5 % or what the gate needs"; }
+                    label { "Threshold % " input name="threshold" type="number" step="0.1" min="1" max="99.9" placeholder="98"; }
+                    label { "Confidence % " input name="confidence" type="number" step="1" min="50" max="99.9" placeholder="95"; }
+                    button type="submit" { "Start" }
+                }
+                p.muted { "Waves: the canary, then 25 %, then 100 %. A small depot needs a lower threshold or confidence: the gate refuses a plan it could never pass, and says what would work." }
+            }
+        }
+        @if list.len() > 1 {
+            section.card.wide {
+                h2 { "Earlier rollouts" }
+                table.data.compact {
+                    thead { tr { th { "#" } th { "Image" } th { "State" } th { "Vehicles" } th { "Started" } } }
+                    tbody {
+                        @for r in list.iter().skip(1) {
+                            tr {
+                                td { (r.id) }
+                                td { (r.hardware_id) " " (r.version) }
+                                td { (phase_pill(r.phase)) }
+                                td { (r.counts.values().sum::<u64>()) }
+                                td { (r.created_at) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout(&app, &user, PageKind::Rollouts, content).into_response()
+}
+
+fn pct_of(part: u64, whole: u64) -> u64 {
+    (part * 100).checked_div(whole).unwrap_or(0).min(100)
+}
+
+fn phase_pill(phase: &str) -> Markup {
+    let class = match phase {
+        "running" | "completed" => "ok",
+        "paused" => "warn",
+        "halted" => "crit",
+        _ => "idle",
+    };
+    html! { span class=(format!("pill {class}")) { (phase.replace('_', " ")) } }
+}
+
+fn describe_event(event: &serde_json::Value) -> String {
+    let kind = event["event"].as_str().unwrap_or("?").replace('_', " ");
+    match event["vehicle"].as_str() {
+        Some(v) => format!("{v}: {kind}"),
+        None => kind,
+    }
+}
+
+fn describe_decisions(decisions: &serde_json::Value) -> String {
+    let Some(list) = decisions.as_array() else {
+        return String::new();
+    };
+    list.iter()
+        .map(|d| {
+            let kind = d["decision"].as_str().unwrap_or("?").replace('_', " ");
+            match (d["vehicle"].as_str(), d["reason"].as_str()) {
+                (Some(v), _) => format!("{kind} {v}"),
+                (None, Some(r)) => format!("{kind}: {r}"),
+                _ => kind,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Every registered vehicle: where it is, its charge, software and OTA progress.
 pub async fn vehicles(user: PanelUser, State(app): State<AppState>) -> Response {
     let vehicles = match app.store.read(crate::link::db::list).await {
