@@ -13,6 +13,7 @@
 //! - [`depot`], [`cloud`]: each mode's `run(config, shutdown)`.
 //! - [`http`]: routing, middleware, API, panel, accept loop. [`tls`]: HTTPS.
 //! - [`link`]: the vehicle link (MQTT client, embedded broker, registry, vehicle events).
+//! - [`rollouts`]: canary rollouts on the depot, driving the pure `atlasmesh-canary` core.
 //! - [`store`]: the depot store, migrations, backup and restore. [`datadir`]: lock and secrets.
 //! - [`auth`]: roles, passwords, tokens, sessions, login limiter. [`audit`]: the audit trail.
 //! - [`metrics`], [`logging`], [`sysstat`], [`shutdown`]: observability and lifecycle.
