@@ -44,9 +44,15 @@ fn post(depot: &OtaDepot, path: &str, body: Value) -> (u16, Value) {
 }
 
 /// A depot with 2.0.0 and 3.0.0 staged for `HW`, and the simulator running `VEHICLES`
-/// vehicles on 1.0.0 against it (3.0.0 fails to install on 70 % of them); `sim_second` sets
-/// how fast they live.
-fn depot_with_fleet(fleet: &Fleet, env: &[(&str, &str)], sim_second: &str) -> (OtaDepot, Sim) {
+/// `vehicles` on 1.0.0 against it, failing installs at the `fail` rates (`VERSION=RATE`);
+/// `sim_second` sets how fast they live.
+fn depot_with_fleet(
+    fleet: &Fleet,
+    env: &[(&str, &str)],
+    sim_second: &str,
+    vehicles: usize,
+    fail: &str,
+) -> (OtaDepot, Sim) {
     let mut all = vec![
         // Simulated vehicles run ten times fast and dock for seconds, not hours.
         ("ATLASMESH_CANARY__INSTALL_ESTIMATE", "1s"),
@@ -68,7 +74,7 @@ fn depot_with_fleet(fleet: &Fleet, env: &[(&str, &str)], sim_second: &str) -> (O
         "--depot",
         &depot.url("/"),
         "--vehicles",
-        &VEHICLES.to_string(),
+        &vehicles.to_string(),
     ])
     .args([
         "--sim-second",
@@ -78,7 +84,7 @@ fn depot_with_fleet(fleet: &Fleet, env: &[(&str, &str)], sim_second: &str) -> (O
         "--sim-hardware",
         HW,
     ])
-    .args(["--sim-version", "1.0.0", "--fail", "3.0.0=0.7"])
+    .args(["--sim-version", "1.0.0", "--fail", fail])
     .env("ATLASMESH_TOKEN", &depot.token)
     .stdout(Stdio::null())
     .stderr(Stdio::null());
@@ -88,16 +94,17 @@ fn depot_with_fleet(fleet: &Fleet, env: &[(&str, &str)], sim_second: &str) -> (O
     let sim = Sim(sim.spawn().unwrap());
     wait_for(
         "the simulated vehicles report",
-        Duration::from_secs(60),
+        // Registering is one synchronous store write per vehicle.
+        Duration::from_secs(60 + vehicles as u64 / 5),
         || {
-            let vehicles = depot.get("/api/v1/vehicles").unwrap();
-            vehicles["vehicles"]
+            let list = depot.get("/api/v1/vehicles").unwrap();
+            list["vehicles"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .filter(|v| v["installed_version"] == "1.0.0")
                 .count()
-                == VEHICLES
+                == vehicles
         },
     );
     (depot, sim)
@@ -117,7 +124,7 @@ fn plan(version: &str, soak: &str) -> Value {
 #[test]
 fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
     let fleet = Fleet::new().unwrap();
-    let (depot, _sim) = depot_with_fleet(&fleet, &[], "100ms");
+    let (depot, _sim) = depot_with_fleet(&fleet, &[], "100ms", VEHICLES, "3.0.0=0.7");
 
     // The default gate cannot be shown with 30 vehicles: refused, saying what would work.
     let (status, refused) = post(&depot, "/api/v1/rollouts", json!({"version": "2.0.0"}));
@@ -321,6 +328,8 @@ fn a_depot_killed_mid_wave_resumes_exactly_where_it_was() {
         &fleet,
         &[("ATLASMESH_VEHICLE_LINK__LISTEN", &mqtt_addr)],
         "200ms",
+        VEHICLES,
+        "3.0.0=0.7",
     );
     let (status, rollout) = post(&depot, "/api/v1/rollouts", plan("2.0.0", "10s"));
     assert_eq!(status, 201, "{rollout}");
@@ -379,4 +388,61 @@ fn a_depot_killed_mid_wave_resumes_exactly_where_it_was() {
         last = depot.get(&path).unwrap();
     }
     assert_eq!(last["counts"]["succeeded"], VEHICLES);
+}
+
+#[test]
+fn a_thousand_vehicles_and_a_release_failing_on_five_percent_halts_within_the_canary() {
+    const FLEET: usize = 1000;
+    let fleet = Fleet::new().unwrap();
+    let (depot, _sim) = depot_with_fleet(&fleet, &[], "200ms", FLEET, "2.0.0=0.05");
+    // The runbooks' gate, 98 % at 95 % confidence, and the default waves: 5 % raised to the
+    // 133 vehicles that gate needs, then 25 %, then everyone.
+    let (status, rollout) = post(
+        &depot,
+        "/api/v1/rollouts",
+        json!({"version": "2.0.0", "soak": "3s", "vehicle_deadline": "60s", "max_concurrent": 40}),
+    );
+    assert_eq!(status, 201, "{rollout}");
+    assert_eq!(rollout["waves"][0]["target"], 133, "{}", rollout["waves"]);
+    let id = rollout["id"].as_i64().unwrap();
+    let path = format!("/api/v1/rollouts/{id}");
+    let mut last = Value::Null;
+    wait_for("the rollout halts", Duration::from_secs(120), || {
+        last = depot.get(&path).unwrap();
+        assert_ne!(last["phase"], "completed", "{}", last["waves"]);
+        last["phase"] == "halted"
+    });
+    assert_eq!(last["wave"], 1);
+    let vehicles = last["vehicles"].as_array().unwrap();
+    assert_eq!(vehicles.len(), FLEET);
+    let touched: Vec<&Value> = vehicles.iter().filter(|v| !v["wave"].is_null()).collect();
+    assert!(touched.len() <= 133, "{} assigned", touched.len());
+    assert!(
+        touched.iter().all(|v| v["wave"] == 1),
+        "nobody outside the canary"
+    );
+    // Everyone it touched goes back to 1.0.0: in flight, failed, and already updated.
+    wait_for("the canary is rolled back", Duration::from_secs(60), || {
+        last = depot.get(&path).unwrap();
+        last["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| !v["wave"].is_null())
+            .all(|v| v["stage"] == "rolled_back")
+    });
+    wait_for("no vehicle runs 2.0.0", Duration::from_secs(30), || {
+        depot.get("/api/v1/vehicles").unwrap()["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["installed_version"] == "1.0.0")
+    });
+    let metrics = depot.server.metrics().unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("atlasmesh_rollout_halts_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
 }

@@ -630,7 +630,9 @@ impl Rollouts {
     }
 
     /// Makes the director and the vehicles agree with the stored rollouts: in-flight vehicles
-    /// hold their assignment, rolling-back ones have none and hear the command again.
+    /// hold their assignment, and those that have not started on it hear it again (a vehicle
+    /// busy or away when told ignores the command); rolling-back ones have none and hear the
+    /// command again.
     async fn reconcile(&self) {
         let live = self.live.lock().await;
         let assignments = match self.store.read(crate::ota::db::assignments).await {
@@ -646,6 +648,7 @@ impl Rollouts {
             .collect();
         for (id, l) in live.iter() {
             let mut decisions = Vec::new();
+            let mut remind = Vec::new();
             for (vehicle, v) in l.machine.vehicles() {
                 let has = held.get(vehicle.as_str()) == Some(&l.image.id);
                 if v.stage.in_flight() && v.outcome.is_none() && !has && l.machine.is_active() {
@@ -653,6 +656,8 @@ impl Rollouts {
                         vehicle: vehicle.clone(),
                         wave: v.wave.unwrap_or_default(),
                     });
+                } else if v.stage == Stage::Assigned && has {
+                    remind.push(vehicle.clone());
                 } else if v.stage == Stage::RollingBack {
                     decisions.push(Decision::RollBack {
                         vehicle: vehicle.clone(),
@@ -662,6 +667,9 @@ impl Rollouts {
             }
             if !decisions.is_empty() {
                 self.carry_out(*id, l, &decisions).await;
+            }
+            for vehicle in remind {
+                self.link.notify_ota(Some(vehicle)).await;
             }
         }
     }
