@@ -96,18 +96,19 @@ fn depot_with_fleet(
         "the simulated vehicles report",
         // Registering is one synchronous store write per vehicle.
         Duration::from_secs(60 + vehicles as u64 / 5),
-        || {
-            let list = depot.get("/api/v1/vehicles").unwrap();
-            list["vehicles"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|v| v["installed_version"] == "1.0.0")
-                .count()
-                == vehicles
-        },
+        || running(&depot, "1.0.0") == vehicles,
     );
     (depot, sim)
+}
+
+/// How many vehicles the registry says run `version`.
+fn running(depot: &OtaDepot, version: &str) -> usize {
+    depot.get("/api/v1/vehicles").unwrap()["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["installed_version"] == version)
+        .count()
 }
 
 fn plan(version: &str, soak: &str) -> Value {
@@ -156,14 +157,7 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
     wait_for(
         "the registry shows 2.0.0 everywhere",
         Duration::from_secs(30),
-        || {
-            let vehicles = depot.get("/api/v1/vehicles").unwrap();
-            vehicles["vehicles"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|v| v["installed_version"] == "2.0.0")
-        },
+        || running(&depot, "2.0.0") == VEHICLES,
     );
 
     // A release failing on most vehicles halts within its first wave.
@@ -207,14 +201,7 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
     wait_for(
         "the registry shows 2.0.0 everywhere again",
         Duration::from_secs(30),
-        || {
-            let vehicles = depot.get("/api/v1/vehicles").unwrap();
-            vehicles["vehicles"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|v| v["installed_version"] == "2.0.0")
-        },
+        || running(&depot, "2.0.0") == VEHICLES,
     );
     let assignments = depot.get("/api/v1/assignments").unwrap();
     assert!(
@@ -432,11 +419,7 @@ fn a_thousand_vehicles_and_a_release_failing_on_five_percent_halts_within_the_ca
             .all(|v| v["stage"] == "rolled_back")
     });
     wait_for("no vehicle runs 2.0.0", Duration::from_secs(30), || {
-        depot.get("/api/v1/vehicles").unwrap()["vehicles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|v| v["installed_version"] == "1.0.0")
+        running(&depot, "1.0.0") == FLEET
     });
     let metrics = depot.server.metrics().unwrap();
     assert!(

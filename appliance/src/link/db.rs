@@ -305,7 +305,8 @@ fn apply_link(
 }
 
 /// The lower-case name serde gives a unit enum variant.
-fn serde_plain<T: Serialize>(value: &T) -> String {
+/// A unit enum's serde name (`"rolling_back"`); empty for anything else.
+pub(crate) fn serde_plain<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,
         _ => String::new(),

@@ -118,19 +118,31 @@ pub fn append(conn: &Connection, id: i64, at: i64, entry: &str) -> Result<i64, S
     Ok(seq)
 }
 
+fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogRow> {
+    Ok(LogRow {
+        seq: r.get(0)?,
+        at: r.get(1)?,
+        entry: r.get(2)?,
+        prev_hash: r.get(3)?,
+        hash: r.get(4)?,
+    })
+}
+
 pub fn log(conn: &Connection, id: i64) -> Result<Vec<LogRow>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, at, entry, prev_hash, hash FROM rollout_log WHERE rollout_id = ?1 ORDER BY seq",
     )?;
-    let rows = stmt.query_map([id], |r| {
-        Ok(LogRow {
-            seq: r.get(0)?,
-            at: r.get(1)?,
-            entry: r.get(2)?,
-            prev_hash: r.get(3)?,
-            hash: r.get(4)?,
-        })
-    })?;
+    let rows = stmt.query_map([id], log_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The last `n` entries, newest first (the panel's view of a long log).
+pub fn log_tail(conn: &Connection, id: i64, n: usize) -> Result<Vec<LogRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, at, entry, prev_hash, hash FROM rollout_log WHERE rollout_id = ?1
+         ORDER BY seq DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![id, n as i64], log_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

@@ -187,7 +187,7 @@ impl RolloutMetrics {
         ] {
             let labels = StageLabels {
                 rollout: rollout.clone(),
-                stage: serde_plain(&stage),
+                stage: crate::link::db::serde_plain(&stage),
             };
             self.vehicles
                 .get_or_create(&labels)
@@ -217,13 +217,6 @@ impl RolloutMetrics {
             }
         }
     }
-}
-
-fn serde_plain<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 pub struct RolloutParts {
@@ -699,6 +692,15 @@ impl Rollouts {
 
     /// Re-judges the waiting vehicles' readiness; a change becomes an event.
     async fn refresh_eligibility(&self) {
+        if !self
+            .live
+            .lock()
+            .await
+            .values()
+            .any(|l| l.machine.is_active())
+        {
+            return;
+        }
         let vehicles = match self.store.read(crate::link::db::list).await {
             Ok(v) => v,
             Err(e) => {
@@ -883,11 +885,9 @@ impl Rollouts {
         id: i64,
         n: usize,
     ) -> Result<Vec<(i64, i64, serde_json::Value)>, RolloutError> {
-        let log = self.store.read(move |c| db::log(c, id)).await?;
+        let log = self.store.read(move |c| db::log_tail(c, id, n)).await?;
         Ok(log
             .into_iter()
-            .rev()
-            .take(n)
             .map(|r| {
                 let entry = serde_json::from_str(&r.entry).unwrap_or(serde_json::Value::Null);
                 (r.seq, r.at, entry)

@@ -589,7 +589,7 @@ pub async fn rollouts(user: PanelUser, State(app): State<AppState>) -> Response 
                                 @for v in vehicles {
                                     tr {
                                         td { code { (v.id) } }
-                                        td { (serde_json::to_value(v.stage).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default()) }
+                                        td { (crate::link::db::serde_plain(&v.stage)) }
                                         td { (v.wave.map(|w| w.to_string()).unwrap_or_else(|| "—".into())) }
                                         td { @match &v.outcome {
                                             Some(atlasmesh_canary::Outcome::Succeeded) => span.pill.ok { "succeeded" },
