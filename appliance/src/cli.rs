@@ -111,6 +111,9 @@ pub struct SimArgs {
     /// Where simulated vehicles keep OTA state (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Log filter, as the depot's `log.level` (`debug` shows the commands vehicles ignore).
+    #[arg(long, env = "ATLASMESH_LOG__LEVEL", default_value = "info")]
+    pub log_level: String,
     #[command(flatten)]
     pub fleet: FleetArgs,
 }

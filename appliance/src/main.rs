@@ -106,7 +106,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(ota_cli::vehicle_pull(args))
         }
         Command::Sim(args) => {
-            logging::init(&atlasmesh::config::LogConfig::default())?;
+            logging::init(&atlasmesh::config::LogConfig {
+                level: args.log_level.clone(),
+                ..Default::default()
+            })?;
             runtime()?.block_on(async { sim_cli::run(args, shutdown::on_signals()?).await })
         }
     }

@@ -210,6 +210,10 @@ pub enum Decision {
         vehicle: String,
         to_version: Option<String>,
     },
+    /// Withdraw an assignment the vehicle never started on; it waits again.
+    Release {
+        vehicle: String,
+    },
     Advance {
         wave: usize,
         judgement: Judgement,
@@ -441,6 +445,14 @@ impl Rollout {
             Event::Ineligible { reasons, .. } => {
                 v.eligible = false;
                 v.reasons.clone_from(reasons);
+                if open && v.stage == Stage::Assigned {
+                    // It left (or dropped off the link) before starting: it never touched the
+                    // update, so it is no failure; its place goes to a vehicle that is here.
+                    reset(v, epoch);
+                    decisions.push(Decision::Release {
+                        vehicle: id.to_owned(),
+                    });
+                }
             }
             Event::Assigned { .. } => {}
             Event::Downloading { .. } if open && v.stage == Stage::Assigned => {

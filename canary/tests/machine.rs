@@ -232,6 +232,71 @@ fn a_silent_vehicle_counts_as_failed_at_its_deadline() {
 }
 
 #[test]
+fn a_vehicle_that_leaves_before_starting_is_released_not_failed() {
+    let mut p = plan(&[Size::Count(2), Size::Percent(100.0)]);
+    p.gate = Gate {
+        threshold: 0.5,
+        confidence: 0.6,
+    };
+    p.max_concurrent = 2;
+    let (mut rollout, decisions) = Rollout::start(p, fleet(4), 0).unwrap();
+    assert_eq!(decisions.len(), 2);
+    let left = Event::Ineligible {
+        vehicle: "veh-0000".into(),
+        reasons: vec!["not docked".into()],
+    };
+    let step = rollout.handle(10 * S, &left).unwrap();
+    // Released, and its place taken by the next vehicle that is here.
+    assert_eq!(
+        step.decisions,
+        vec![
+            Decision::Release {
+                vehicle: "veh-0000".into()
+            },
+            Decision::Assign {
+                vehicle: "veh-0002".into(),
+                wave: 0
+            },
+        ]
+    );
+    let v = &rollout.vehicles()["veh-0000"];
+    assert_eq!(
+        (v.stage, v.outcome.clone(), v.wave),
+        (Stage::Waiting, None, None)
+    );
+    // One that started keeps its place: its download resumes at the next dock.
+    rollout
+        .handle(
+            11 * S,
+            &Event::Downloading {
+                vehicle: "veh-0001".into(),
+            },
+        )
+        .unwrap();
+    let step = rollout
+        .handle(
+            12 * S,
+            &Event::Ineligible {
+                vehicle: "veh-0001".into(),
+                reasons: vec!["not docked".into()],
+            },
+        )
+        .unwrap();
+    assert!(step.decisions.is_empty(), "{:?}", step.decisions);
+    assert_eq!(rollout.vehicles()["veh-0001"].stage, Stage::Downloading);
+    // Back, it is eligible again, but the wave is full.
+    let step = rollout
+        .handle(
+            13 * S,
+            &Event::Eligible {
+                vehicle: "veh-0000".into(),
+            },
+        )
+        .unwrap();
+    assert!(step.decisions.is_empty(), "{:?}", step.decisions);
+}
+
+#[test]
 fn operators_pause_resume_halt_and_replan_with_smaller_waves() {
     let mut p = plan(&[Size::Count(4), Size::Percent(100.0)]);
     p.gate = Gate {

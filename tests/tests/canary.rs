@@ -378,7 +378,7 @@ fn a_depot_killed_mid_wave_resumes_exactly_where_it_was() {
 }
 
 #[test]
-fn a_thousand_vehicles_and_a_release_failing_on_five_percent_halts_within_the_canary() {
+fn a_thousand_vehicles_a_bad_release_halts_within_the_canary_and_a_good_one_completes() {
     const FLEET: usize = 1000;
     let fleet = Fleet::new().unwrap();
     let (depot, _sim) = depot_with_fleet(&fleet, &[], "200ms", FLEET, "2.0.0=0.05");
@@ -428,4 +428,65 @@ fn a_thousand_vehicles_and_a_release_failing_on_five_percent_halts_within_the_ca
             .any(|l| l.starts_with("atlasmesh_rollout_halts_total") && l.ends_with(" 1")),
         "{metrics}"
     );
+
+    // The runbook's next steps: the halted rollout is closed, and the fixed release goes out
+    // to the whole fleet through the same gate and waves.
+    let (status, closed) = post(&depot, &format!("{path}/rollback"), json!({}));
+    assert_eq!(
+        (status, &closed["phase"]),
+        (200, &json!("rolled_back")),
+        "{closed}"
+    );
+    let (status, rollout) = post(
+        &depot,
+        "/api/v1/rollouts",
+        json!({"version": "3.0.0", "soak": "3s", "vehicle_deadline": "60s", "max_concurrent": 40}),
+    );
+    assert_eq!(status, 201, "{rollout}");
+    assert_eq!(rollout["vehicles"].as_array().unwrap().len(), FLEET);
+    let path = format!("/api/v1/rollouts/{}", rollout["id"]);
+    let started = Instant::now();
+    loop {
+        last = depot.get(&path).unwrap();
+        if last["phase"] == "completed" {
+            break;
+        }
+        let stuck: Vec<&Value> = last["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["outcome"]["kind"] == "silent" || v["outcome"]["kind"] == "failed")
+            .collect();
+        assert!(
+            last["phase"] == "running" && stuck.is_empty(),
+            "a good release must not stall or fail: {} {}\n{stuck:#?}\nthe depot's warnings and what it did with those vehicles:\n{}",
+            last["phase"],
+            last["waves"],
+            depot
+                .server
+                .logs()
+                .iter()
+                .filter(|l| l.contains("WARN")
+                    || l.contains("ERROR")
+                    || stuck.iter().any(|v| l.contains(v["id"].as_str().unwrap())))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the good release did not complete: {}",
+            last["waves"]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "the good release completed: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(last["counts"]["succeeded"], FLEET, "{}", last["counts"]);
+    assert_eq!(last["wave"], 3, "{}", last["waves"]);
+    wait_for("every vehicle runs 3.0.0", Duration::from_secs(30), || {
+        running(&depot, "3.0.0") == FLEET
+    });
 }

@@ -308,7 +308,10 @@ async fn run_vehicle(
                         }
                         continue;
                     }
-                    if car.docked && !car.busy && command.version != car.version {
+                    if !car.docked || car.busy || command.version == car.version {
+                        // A vehicle away, busy or already there ignores it; the depot says it again.
+                        tracing::debug!(vehicle = %vehicle.id, version = %command.version, docked = car.docked, busy = car.busy, running = %car.version, "ignored an OTA command");
+                    } else {
                         car.busy = true;
                         let fails = config.failure_rates.get(&command.version).copied().unwrap_or(0.0);
                         let fail = car.rng.random_bool(fails.clamp(0.0, 1.0));
@@ -440,6 +443,8 @@ async fn install(
         }
     };
     report(OtaPhase::Download, OtaOutcome::Started, None).await;
+    let started = std::time::Instant::now();
+    tracing::debug!(vehicle = %vehicle, version = %command.version, "pulling");
     let dir = config.state_dir.join(&vehicle);
     let pulled = match fetch_root(&config.depot_url, &dir).await {
         Ok(()) => ota::pull(&PullConfig {
@@ -458,6 +463,7 @@ async fn install(
         .map_err(|e| format!("{}: {e}", e.code())),
         Err(e) => Err(e),
     };
+    tracing::debug!(vehicle = %vehicle, version = %command.version, seconds = started.elapsed().as_secs_f64(), result = ?pulled.as_ref().map(|r| &r.outcome), "pulled");
     let ok = match pulled {
         Ok(r)
             if matches!(

@@ -8,7 +8,9 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use atlasmesh_vehicle_link::wire::{Dock, Health, Link, Message, OtaOutcome, OtaReport, State};
+use atlasmesh_vehicle_link::wire::{
+    Dock, Health, Link, Message, OtaOutcome, OtaPhase, OtaReport, State,
+};
 
 use super::VehicleEvent;
 use subtle::ConstantTimeEq;
@@ -403,6 +405,73 @@ pub fn list(conn: &Connection) -> Result<Vec<VehicleView>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {VIEW_COLUMNS} ORDER BY v.id"))?;
     let rows = stmt.query_map([], view_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One stored OTA report (not progress), in arrival order.
+pub struct StoredReport {
+    pub id: i64,
+    pub vehicle_id: String,
+    pub version: String,
+    pub phase: OtaPhase,
+    pub outcome: OtaOutcome,
+    pub error: Option<String>,
+    /// Depot clock, ms.
+    pub received_at: i64,
+}
+
+/// The reports after `after` (by id), oldest first, at most `limit`. Rows whose phase or
+/// outcome this binary does not know are skipped.
+pub fn reports_since(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<StoredReport>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, vehicle_id, version, phase, outcome, error, received_at
+         FROM vehicle_ota_reports WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after, limit as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, vehicle_id, version, phase, outcome, error, received_at) = row?;
+        let (Some(phase), Some(outcome)) = (from_plain(&phase), from_plain(&outcome)) else {
+            continue;
+        };
+        out.push(StoredReport {
+            id,
+            vehicle_id,
+            version,
+            phase,
+            outcome,
+            error,
+            received_at,
+        });
+    }
+    Ok(out)
+}
+
+/// The inverse of [`serde_plain`].
+fn from_plain<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+/// The newest stored report's id (0 when there is none).
+pub fn last_report_id(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row(
+        "SELECT coalesce(max(id), 0) FROM vehicle_ota_reports",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// Which vehicles report running which image: `(hardware id, version)` to vehicle ids, sorted.

@@ -67,6 +67,23 @@ pub fn save(
     Ok(())
 }
 
+/// The last OTA report rollouts have judged, if any was recorded.
+pub fn reports_seen(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT reports_seen FROM rollout_cursor WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn set_reports_seen(conn: &Connection, seen: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO rollout_cursor (id, reports_seen) VALUES (1, ?1)
+         ON CONFLICT (id) DO UPDATE SET reports_seen = max(reports_seen, excluded.reports_seen)",
+    )?
+    .execute([seen])?;
+    Ok(())
+}
+
 pub fn list(conn: &Connection) -> Result<Vec<RolloutRow>, StoreError> {
     let mut stmt =
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM rollouts ORDER BY id DESC"))?;

@@ -33,12 +33,7 @@ pub fn reasons(
     if v.installed_version.as_deref() == Some(needs.version) {
         out.push(format!("already runs {}", needs.version));
     }
-    if !v.online {
-        out.push("offline".into());
-    }
-    if !v.docked {
-        out.push("not docked".into());
-    }
+    out.extend(presence(v));
     match (v.plugged_in, v.soc_percent) {
         (Some(true), _) => {}
         (_, Some(soc)) if soc >= config.soc_floor_percent => {}
@@ -70,6 +65,18 @@ pub fn reasons(
             needs.image_bytes.div_ceil(1_000_000)
         )),
         None => out.push("free space not reported yet".into()),
+    }
+    out
+}
+
+/// Whether the vehicle is here to take an update at all: online and docked.
+pub fn presence(v: &VehicleView) -> Vec<String> {
+    let mut out = Vec::new();
+    if !v.online {
+        out.push("offline".into());
+    }
+    if !v.docked {
+        out.push("not docked".into());
     }
     out
 }

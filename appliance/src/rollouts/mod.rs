@@ -12,8 +12,9 @@
 pub mod db;
 pub mod eligibility;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use atlasmesh_canary::{
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit;
 use crate::config::CanaryConfig;
 use crate::http::{Clock, PanelEvent};
+use crate::link::db::VehicleView;
 use crate::link::{VehicleEvent, VehicleLink};
 use crate::ota::db::ImageRow;
 use crate::ota::{Actor, Ota, OtaError};
@@ -241,6 +243,8 @@ pub struct Rollouts {
     /// Every rollout not finished, by id. One lock, so each step is judged, stored and carried
     /// out before the next.
     live: Mutex<BTreeMap<i64, Live>>,
+    /// The last stored OTA report judged (`vehicle_ota_reports.id`).
+    reports_seen: AtomicI64,
 }
 
 impl Rollouts {
@@ -267,6 +271,18 @@ impl Rollouts {
                 .ok_or_else(|| RolloutError::Corrupt(row.id, "its image is gone".into()))?;
             live.insert(row.id, Live { machine, image });
         }
+        // Resumed rollouts judge what arrived after their last stored step; with none
+        // running, earlier reports concern nobody.
+        let (stored, last) = parts
+            .store
+            .read(|c| {
+                Ok::<_, StoreError>((db::reports_seen(c)?, crate::link::db::last_report_id(c)?))
+            })
+            .await?;
+        let reports_seen = match stored {
+            Some(seen) if !live.is_empty() => seen,
+            _ => last,
+        };
         let rollouts = Arc::new(Rollouts {
             depot_id: parts.depot_id,
             store: parts.store,
@@ -277,6 +293,7 @@ impl Rollouts {
             panel: parts.panel,
             metrics: RolloutMetrics::register(registry),
             live: Mutex::new(live),
+            reports_seen: AtomicI64::new(reports_seen),
         });
         {
             let live = rollouts.live.lock().await;
@@ -300,24 +317,139 @@ impl Rollouts {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                event = events.recv() => match event {
-                    Ok(event) => self.on_vehicle(event).await,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "rollouts fell behind the vehicle link; rechecking eligibility");
-                        self.refresh_eligibility().await;
+                event = events.recv() => {
+                    let mut pending = Pending::default();
+                    match event {
+                        Ok(event) => pending.take(event),
+                        Err(broadcast::error::RecvError::Lagged(_)) => pending.lagged = true,
+                        Err(broadcast::error::RecvError::Closed) => break,
                     }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
+                    // What is already queued joins the batch: a burst costs one store write
+                    // per rollout, not one per message.
+                    for _ in 0..4096 {
+                        match events.try_recv() {
+                            Ok(event) => pending.take(event),
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => pending.lagged = true,
+                            Err(_) => break,
+                        }
+                    }
+                    self.process(pending).await;
+                }
                 _ = tick.tick() => {
                     ticks += 1;
                     self.tick().await;
+                    // Reports are read from the store, so one the live feed did not announce
+                    // (a late one, or one dropped while this loop lagged) is still judged.
+                    self.read_reports().await;
                     if ticks.is_multiple_of(5) {
-                        self.refresh_eligibility().await;
+                        self.refresh_eligibility(None).await;
                     }
                     if ticks.is_multiple_of(30) {
                         self.reconcile().await;
                     }
                 }
+            }
+        }
+    }
+
+    async fn process(&self, pending: Pending) {
+        if pending.lagged {
+            tracing::warn!("rollouts fell behind the vehicle link; judging every vehicle again");
+            self.refresh_eligibility(None).await;
+        } else if !pending.judge.is_empty() {
+            self.refresh_eligibility(Some(&pending.judge)).await;
+        }
+        for vehicle in &pending.back {
+            self.resend_rollback(vehicle).await;
+        }
+        if pending.reports || pending.lagged {
+            self.read_reports().await;
+        }
+        if !pending.health_failures.is_empty() {
+            let mut live = self.live.lock().await;
+            let mut by_rollout: BTreeMap<i64, Vec<(Event, String)>> = BTreeMap::new();
+            for (vehicle, reason) in pending.health_failures {
+                for (id, l) in live.iter() {
+                    if l.machine.vehicles().contains_key(&vehicle) {
+                        by_rollout.entry(*id).or_default().push((
+                            Event::HealthFail {
+                                vehicle: vehicle.clone(),
+                                reason: reason.clone(),
+                            },
+                            vehicle.clone(),
+                        ));
+                    }
+                }
+            }
+            for (id, events) in by_rollout {
+                if let Err(e) = self.apply_all(&mut live, id, events, None, None).await {
+                    tracing::error!(rollout = id, error = %e, "rollout step failed");
+                }
+            }
+        }
+    }
+
+    /// Judges the OTA reports stored since the last read, in arrival order, a batch per
+    /// rollout. A report counts for a vehicle's current attempt only: one received before it
+    /// was (re)assigned belongs to an earlier one. A failed write leaves the cursor where it
+    /// was, so the reports are read again (judging one twice changes nothing).
+    async fn read_reports(&self) {
+        const BATCH: usize = 2000;
+        loop {
+            let after = self.reports_seen.load(Ordering::SeqCst);
+            let rows = match self
+                .store
+                .read(move |c| crate::link::db::reports_since(c, after, BATCH))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read vehicles' OTA reports");
+                    return;
+                }
+            };
+            let Some(last) = rows.last().map(|r| r.id) else {
+                return;
+            };
+            let mut live = self.live.lock().await;
+            let mut by_rollout: BTreeMap<i64, Vec<(Event, String)>> = BTreeMap::new();
+            for r in &rows {
+                let Some(event) =
+                    report_event(&r.vehicle_id, r.phase, r.outcome, r.error.as_deref())
+                else {
+                    continue;
+                };
+                for (id, l) in live.iter() {
+                    let current = l.image.version == r.version
+                        && l.machine
+                            .vehicles()
+                            .get(&r.vehicle_id)
+                            .and_then(|v| v.assigned_at)
+                            .is_some_and(|at| r.received_at >= at);
+                    if current {
+                        by_rollout
+                            .entry(*id)
+                            .or_default()
+                            .push((event.clone(), r.vehicle_id.clone()));
+                    }
+                }
+            }
+            let mut stored = true;
+            for (id, events) in by_rollout {
+                if let Err(e) = self
+                    .apply_all(&mut live, id, events, None, Some(last))
+                    .await
+                {
+                    tracing::error!(rollout = id, error = %e, "rollout step failed");
+                    stored = false;
+                }
+            }
+            if !stored {
+                return;
+            }
+            self.reports_seen.store(last, Ordering::SeqCst);
+            if rows.len() < BATCH {
+                return;
             }
         }
     }
@@ -505,38 +637,83 @@ impl Rollouts {
         actor: &str,
         audit_entry: Option<audit::Entry>,
     ) -> Result<Vec<Decision>, RolloutError> {
+        self.apply_all(live, id, vec![(event, actor.to_owned())], audit_entry, None)
+            .await
+    }
+
+    /// Feeds events to a live rollout in order and stores the result in one transaction: one
+    /// snapshot, a log entry for each step that changed something, the audit entry, and how
+    /// far the reports were read (`reports_seen`). One write for a burst of reports is what
+    /// keeps a thousand vehicles' reports flowing. A refused event is skipped in a batch and
+    /// an error when it is the only one; a failed write leaves the rollout as it was.
+    async fn apply_all(
+        &self,
+        live: &mut BTreeMap<i64, Live>,
+        id: i64,
+        events: Vec<(Event, String)>,
+        audit_entry: Option<audit::Entry>,
+        reports_seen: Option<i64>,
+    ) -> Result<Vec<Decision>, RolloutError> {
         let l = live
             .get_mut(&id)
             .ok_or_else(|| RolloutError::NotFound(format!("no rollout {id}")))?;
         let now = unix_ms(self.clock.now());
         let mut next = l.machine.clone();
-        let step = next.handle(now, &event)?;
-        if !step.changed && step.decisions.is_empty() {
+        let single = events.len() == 1;
+        let mut entries = Vec::new();
+        let mut decisions = Vec::new();
+        for (event, actor) in events {
+            let step = match next.handle(now, &event) {
+                Ok(step) => step,
+                Err(e) if single => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(rollout = id, error = %e, "skipped an event the rollout refused");
+                    continue;
+                }
+            };
+            if !step.changed && step.decisions.is_empty() {
+                continue;
+            }
+            entries.push(
+                json!({
+                    "actor": actor,
+                    "event": event,
+                    "decisions": step.decisions,
+                    "gate": next.judgement(),
+                    "phase": next.phase(),
+                })
+                .to_string(),
+            );
+            decisions.extend(step.decisions);
+        }
+        if entries.is_empty() {
+            if let Some(seen) = reports_seen {
+                self.store
+                    .write(move |tx| db::set_reports_seen(tx, seen))
+                    .await?;
+            }
             return Ok(vec![]);
         }
         let stored =
             serde_json::to_string(&next).map_err(|e| RolloutError::Corrupt(id, e.to_string()))?;
-        let entry = json!({
-            "actor": actor,
-            "event": event,
-            "decisions": step.decisions,
-            "gate": next.judgement(),
-            "phase": next.phase(),
-        })
-        .to_string();
         let phase = next.phase().name();
         self.store
             .write(move |tx| {
                 db::save(tx, id, phase, &stored, now)?;
-                db::append(tx, id, now, &entry)?;
+                for entry in &entries {
+                    db::append(tx, id, now, entry)?;
+                }
                 if let Some(a) = &audit_entry {
                     audit::record(tx, a, now)?;
+                }
+                if let Some(seen) = reports_seen {
+                    db::set_reports_seen(tx, seen)?;
                 }
                 Ok::<_, StoreError>(())
             })
             .await?;
         l.machine = next;
-        for d in &step.decisions {
+        for d in &decisions {
             match d {
                 Decision::Halt { reason, .. } => {
                     tracing::warn!(rollout = id, reason = %reason, "rollout halted")
@@ -551,8 +728,8 @@ impl Rollouts {
                 _ => {}
             }
         }
-        self.carry_out(id, l, &step.decisions).await;
-        self.metrics.observe(id, &l.machine, &step.decisions);
+        self.carry_out(id, l, &decisions).await;
+        self.metrics.observe(id, &l.machine, &decisions);
         self.announce(id, &l.machine);
         if matches!(l.machine.phase(), Phase::Completed)
             || (matches!(l.machine.phase(), Phase::RolledBack)
@@ -564,7 +741,7 @@ impl Rollouts {
         {
             live.remove(&id);
         }
-        Ok(step.decisions)
+        Ok(decisions)
     }
 
     /// Assignments first (one director publication for the batch), then the notifications
@@ -602,6 +779,19 @@ impl Rollouts {
                     tracing::error!(rollout = id, error = %e, "could not assign a wave's vehicles; will retry")
                 }
             }
+        }
+        let release: Vec<String> = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Release { vehicle } => Some(vehicle.clone()),
+                _ => None,
+            })
+            .collect();
+        // Away, so nothing to tell it: when it docks again its pull finds no assignment.
+        if !release.is_empty()
+            && let Err(e) = self.ota.unassign_many(release, &self.actor()).await
+        {
+            tracing::error!(rollout = id, error = %e, "could not withdraw assignments; will retry");
         }
         if !roll_back.is_empty() {
             let vehicles = roll_back.iter().map(|(v, _)| v.clone()).collect();
@@ -651,6 +841,11 @@ impl Rollouts {
                     });
                 } else if v.stage == Stage::Assigned && has {
                     remind.push(vehicle.clone());
+                } else if v.stage == Stage::Waiting && has {
+                    // Released, but withdrawing the assignment failed then.
+                    decisions.push(Decision::Release {
+                        vehicle: vehicle.clone(),
+                    });
                 } else if v.stage == Stage::RollingBack {
                     decisions.push(Decision::RollBack {
                         vehicle: vehicle.clone(),
@@ -690,8 +885,10 @@ impl Rollouts {
         }
     }
 
-    /// Re-judges the waiting vehicles' readiness; a change becomes an event.
-    async fn refresh_eligibility(&self) {
+    /// Re-judges readiness, of every vehicle or of `only`: waiting vehicles on every reason,
+    /// assigned ones that have not started on presence alone (one that left is released). A
+    /// change of verdict becomes an event.
+    async fn refresh_eligibility(&self, only: Option<&BTreeSet<String>>) {
         if !self
             .live
             .lock()
@@ -701,7 +898,22 @@ impl Rollouts {
         {
             return;
         }
-        let vehicles = match self.store.read(crate::link::db::list).await {
+        let read = match only {
+            None => self.store.read(crate::link::db::list).await,
+            Some(ids) => {
+                let ids = ids.clone();
+                self.store
+                    .read(move |c| {
+                        let mut out = Vec::new();
+                        for id in &ids {
+                            out.extend(crate::link::db::get(c, id)?);
+                        }
+                        Ok::<_, StoreError>(out)
+                    })
+                    .await
+            }
+        };
+        let vehicles: Vec<VehicleView> = match read {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the registry for eligibility");
@@ -710,7 +922,7 @@ impl Rollouts {
         };
         let now = unix_ms(self.clock.now());
         let mut live = self.live.lock().await;
-        let mut events = Vec::new();
+        let mut events: BTreeMap<i64, Vec<(Event, String)>> = BTreeMap::new();
         for (id, l) in live.iter() {
             if !l.machine.is_active() {
                 continue;
@@ -720,120 +932,33 @@ impl Rollouts {
                 let Some(mine) = l.machine.vehicles().get(&v.id) else {
                     continue;
                 };
-                if mine.stage != Stage::Waiting {
-                    continue;
-                }
-                let reasons = eligibility::reasons(v, &needs, &self.config, now);
+                let reasons = match mine.stage {
+                    Stage::Waiting => eligibility::reasons(v, &needs, &self.config, now),
+                    Stage::Assigned => eligibility::presence(v),
+                    _ => continue,
+                };
                 // Only a change of verdict is an event: the wording ("leaves in 41 min") moves
                 // with the clock.
                 if reasons.is_empty() != mine.eligible {
-                    events.push((
-                        *id,
-                        if reasons.is_empty() {
-                            Event::Eligible {
-                                vehicle: v.id.clone(),
-                            }
-                        } else {
-                            Event::Ineligible {
-                                vehicle: v.id.clone(),
-                                reasons,
-                            }
-                        },
-                    ));
+                    let event = if reasons.is_empty() {
+                        Event::Eligible {
+                            vehicle: v.id.clone(),
+                        }
+                    } else {
+                        Event::Ineligible {
+                            vehicle: v.id.clone(),
+                            reasons,
+                        }
+                    };
+                    events
+                        .entry(*id)
+                        .or_default()
+                        .push((event, CANARY.to_owned()));
                 }
             }
         }
-        for (id, event) in events {
-            if let Err(e) = self.apply(&mut live, id, event, CANARY, None).await {
-                tracing::error!(rollout = id, error = %e, "rollout step failed");
-            }
-        }
-    }
-
-    async fn on_vehicle(&self, event: VehicleEvent) {
-        let (vehicle, report_version, canary_event) = match &event {
-            VehicleEvent::Ota { vehicle, report } => {
-                let why = |what: &str| {
-                    format!(
-                        "{what}: {}",
-                        report.error.as_deref().unwrap_or("no reason given")
-                    )
-                };
-                let v = vehicle.clone();
-                let e = match (report.phase, report.outcome) {
-                    (OtaPhase::Download, OtaOutcome::Started | OtaOutcome::Progress) => {
-                        Some(Event::Downloading { vehicle: v })
-                    }
-                    (OtaPhase::Download, OtaOutcome::Failed) => Some(Event::Failed {
-                        vehicle: v,
-                        reason: why("download"),
-                    }),
-                    (OtaPhase::Install, OtaOutcome::Succeeded) => {
-                        Some(Event::Installed { vehicle: v })
-                    }
-                    (OtaPhase::Install, OtaOutcome::Failed) => Some(Event::Failed {
-                        vehicle: v,
-                        reason: why("install"),
-                    }),
-                    (OtaPhase::Boot, OtaOutcome::Succeeded) => {
-                        Some(Event::BootedGood { vehicle: v })
-                    }
-                    (OtaPhase::Boot, OtaOutcome::Failed) => Some(Event::Failed {
-                        vehicle: v,
-                        reason: why("boot"),
-                    }),
-                    (OtaPhase::Health, OtaOutcome::Succeeded) => {
-                        Some(Event::HealthPass { vehicle: v })
-                    }
-                    (OtaPhase::Health, OtaOutcome::Failed) => Some(Event::HealthFail {
-                        vehicle: v,
-                        reason: report.error.clone().unwrap_or_default(),
-                    }),
-                    (OtaPhase::Rollback, OtaOutcome::Succeeded) => {
-                        Some(Event::RolledBack { vehicle: v })
-                    }
-                    _ => None,
-                };
-                (vehicle, Some(report.version.clone()), e)
-            }
-            VehicleEvent::Health { vehicle, health } if health.status == HealthStatus::Failed => (
-                vehicle,
-                None,
-                Some(Event::HealthFail {
-                    vehicle: vehicle.clone(),
-                    reason: health.faults.join("; "),
-                }),
-            ),
-            VehicleEvent::Link {
-                vehicle,
-                online: true,
-            }
-            | VehicleEvent::Docked { vehicle, .. } => {
-                // Back in reach: a rollback it may have missed is said again.
-                self.resend_rollback(vehicle).await;
-                return;
-            }
-            _ => return,
-        };
-        let Some(canary_event) = canary_event else {
-            return;
-        };
-        let mut live = self.live.lock().await;
-        let ids: Vec<i64> = live
-            .iter()
-            .filter(|(_, l)| {
-                l.machine.vehicles().contains_key(vehicle)
-                    && report_version
-                        .as_deref()
-                        .is_none_or(|v| v == l.image.version)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Err(e) = self
-                .apply(&mut live, id, canary_event.clone(), vehicle, None)
-                .await
-            {
+        for (id, events) in events {
+            if let Err(e) = self.apply_all(&mut live, id, events, None, None).await {
                 tracing::error!(rollout = id, error = %e, "rollout step failed");
             }
         }
@@ -995,6 +1120,88 @@ impl Rollouts {
         }
         Ok((reasons.is_empty(), reasons, image.version))
     }
+}
+
+/// What one wake-up of the follow loop found on the vehicle link.
+#[derive(Default)]
+struct Pending {
+    /// Fell behind the live feed: judge every vehicle again, read every report.
+    lagged: bool,
+    /// OTA reports arrived: read them from the store.
+    reports: bool,
+    /// Vehicles that arrived, left, or came on or off the link: judged now, not at the next
+    /// sweep, so one that just left is not picked and one assigned but not started is
+    /// released.
+    judge: BTreeSet<String>,
+    /// Vehicles back in reach: a rollback they may have missed is said again.
+    back: BTreeSet<String>,
+    /// (vehicle, faults) from failed health reports.
+    health_failures: Vec<(String, String)>,
+}
+
+impl Pending {
+    fn take(&mut self, event: VehicleEvent) {
+        match event {
+            VehicleEvent::Ota { .. } => self.reports = true,
+            VehicleEvent::Health { vehicle, health } if health.status == HealthStatus::Failed => {
+                self.health_failures
+                    .push((vehicle, health.faults.join("; ")));
+            }
+            VehicleEvent::Link {
+                vehicle,
+                online: true,
+            }
+            | VehicleEvent::Docked { vehicle, .. } => {
+                self.judge.insert(vehicle.clone());
+                self.back.insert(vehicle);
+            }
+            VehicleEvent::Link {
+                vehicle,
+                online: false,
+            }
+            | VehicleEvent::Undocked { vehicle } => {
+                self.judge.insert(vehicle);
+            }
+            VehicleEvent::Health { .. } | VehicleEvent::State { .. } => {}
+        }
+    }
+}
+
+/// The canary event a vehicle's OTA report stands for, if any.
+fn report_event(
+    vehicle: &str,
+    phase: OtaPhase,
+    outcome: OtaOutcome,
+    error: Option<&str>,
+) -> Option<Event> {
+    let v = vehicle.to_owned();
+    let why = |what: &str| format!("{what}: {}", error.unwrap_or("no reason given"));
+    Some(match (phase, outcome) {
+        (OtaPhase::Download, OtaOutcome::Started | OtaOutcome::Progress) => {
+            Event::Downloading { vehicle: v }
+        }
+        (OtaPhase::Download, OtaOutcome::Failed) => Event::Failed {
+            vehicle: v,
+            reason: why("download"),
+        },
+        (OtaPhase::Install, OtaOutcome::Succeeded) => Event::Installed { vehicle: v },
+        (OtaPhase::Install, OtaOutcome::Failed) => Event::Failed {
+            vehicle: v,
+            reason: why("install"),
+        },
+        (OtaPhase::Boot, OtaOutcome::Succeeded) => Event::BootedGood { vehicle: v },
+        (OtaPhase::Boot, OtaOutcome::Failed) => Event::Failed {
+            vehicle: v,
+            reason: why("boot"),
+        },
+        (OtaPhase::Health, OtaOutcome::Succeeded) => Event::HealthPass { vehicle: v },
+        (OtaPhase::Health, OtaOutcome::Failed) => Event::HealthFail {
+            vehicle: v,
+            reason: error.unwrap_or_default().to_owned(),
+        },
+        (OtaPhase::Rollback, OtaOutcome::Succeeded) => Event::RolledBack { vehicle: v },
+        _ => return None,
+    })
 }
 
 fn ms(d: Duration) -> i64 {

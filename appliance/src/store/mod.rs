@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_ota.sql"),
     include_str!("migrations/0003_vehicles.sql"),
     include_str!("migrations/0004_rollouts.sql"),
+    include_str!("migrations/0005_rollout_cursor.sql"),
 ];
 
 /// The schema version this binary migrates to.
