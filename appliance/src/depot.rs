@@ -72,13 +72,17 @@ struct Prepared {
 }
 
 async fn run_locked(
-    config: Config,
+    mut config: Config,
     lock: DataDirLock,
     listener: TcpListener,
-    simulation: Option<Simulation>,
+    mut simulation: Option<Simulation>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let demo = match &mut simulation {
+        Some(sim) => demo_fleet(&mut config, sim).await?,
+        None => None,
+    };
     let store_path = config.store_path();
     let prep_config = config.clone();
     let now = unix_ms(clock.now());
@@ -201,6 +205,19 @@ async fn run_locked(
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());
+    if let Some(fleet) = &demo {
+        let hardware = simulation
+            .as_ref()
+            .map(|s| s.fleet.sim_hardware.clone())
+            .unwrap_or_default();
+        crate::sim_cli::stage_demo(&app.ota, fleet, &hardware, &prepared.depot_id).await?;
+        tracing::info!(
+            good = crate::sim_cli::DEMO_GOOD,
+            bad = crate::sim_cli::DEMO_BAD,
+            hardware = %hardware,
+            "staged the demo releases for the simulated fleet; start rollouts on the panel's Rollouts page"
+        );
+    }
     if let Some(simulation) = simulation {
         spawn_simulation(
             &app,
@@ -370,6 +387,54 @@ async fn spawn_simulation(
         atlasmesh_vehicle_link::sim::run(sim_config, shutdown).await;
     });
     Ok(())
+}
+
+/// A simulated fleet on a depot with no fleet of its own gets the demo fleet: its root is
+/// pinned, and the bad demo release fails on some vehicles unless `--fail` names it. A depot
+/// that pins another fleet's root keeps it (and gets no demo releases).
+async fn demo_fleet(
+    config: &mut Config,
+    sim: &mut Simulation,
+) -> anyhow::Result<Option<crate::sim_cli::DemoFleet>> {
+    if config.ota.fleet_root.is_some() {
+        return Ok(None);
+    }
+    let dir = config.data_dir.join("simulator/fleet");
+    let pinned = crate::ota::pinned_fleet_root(&config.data_dir);
+    let ours = std::fs::read(dir.join("repo/metadata/1.root.json")).ok();
+    if pinned.is_some() && pinned != ours {
+        return Ok(None);
+    }
+    let fleet = crate::sim_cli::demo_fleet(&dir, &sim.fleet.sim_hardware, &sim.fleet.sim_version)
+        .await
+        .context("creating the demo fleet for the simulated vehicles")?;
+    config.ota.fleet_root = Some(fleet.root.clone());
+    if config.canary == crate::config::CanaryConfig::default() {
+        // Simulated vehicles dock for 1 to 4 simulated minutes, not a night: the canary's
+        // estimates shrink to match, or no vehicle would ever be ready for the demo.
+        let s = sim.fleet.sim_second;
+        config.canary.install_estimate = s * 5;
+        config.canary.departure_margin = s * 5;
+        config.canary.soak = s * 15;
+        config.canary.vehicle_deadline = s * 120;
+        tracing::info!(
+            install_estimate = ?config.canary.install_estimate,
+            soak = ?config.canary.soak,
+            "the demo fleet's canary estimates follow the simulated clock"
+        );
+    }
+    if !sim
+        .fleet
+        .fail
+        .iter()
+        .any(|(v, _)| v == crate::sim_cli::DEMO_BAD)
+    {
+        sim.fleet.fail.push((
+            crate::sim_cli::DEMO_BAD.into(),
+            crate::sim_cli::DEMO_BAD_RATE,
+        ));
+    }
+    Ok(Some(fleet))
 }
 
 fn spawn_session_sweeper(store: Store, clock: Arc<dyn Clock>, shutdown: CancellationToken) {

@@ -70,6 +70,123 @@ pub async fn provision_local(
     Ok(vehicles)
 }
 
+/// The demo releases a simulated depot stages: one good, one that fails on some vehicles, so
+/// the panel can show a rollout completing and one halting.
+pub const DEMO_GOOD: &str = "1.1.0";
+pub const DEMO_BAD: &str = "1.2.0";
+/// How often the bad demo release fails to install, unless `--fail` says otherwise.
+pub const DEMO_BAD_RATE: f64 = 0.4;
+const DEMO_IMAGE_BYTES: usize = 4 << 20;
+
+/// A release repository of the simulated fleet's own, in the data directory: real keys
+/// (mode 0600), real TUF metadata, staged through the normal verification path.
+pub struct DemoFleet {
+    keys: PathBuf,
+    repo: PathBuf,
+    pub root: PathBuf,
+}
+
+/// Creates the demo fleet's keys, repository and two releases for `hardware` (from `from`), or
+/// finds them from an earlier start.
+pub async fn demo_fleet(
+    dir: &std::path::Path,
+    hardware: &str,
+    from: &str,
+) -> anyhow::Result<DemoFleet> {
+    use atlasmesh_ota_staging::meta::ImageMeta;
+    use atlasmesh_ota_staging::release::{self, Expiries, Keys};
+    use atlasmesh_ota_staging::time::SystemClock;
+    use rand::{RngCore, SeedableRng};
+
+    let fleet = DemoFleet {
+        keys: dir.join("keys"),
+        repo: dir.join("repo"),
+        root: dir.join("repo/metadata/1.root.json"),
+    };
+    if fleet.root.exists() {
+        return Ok(fleet);
+    }
+    // Half-made by an interrupted start: begin again.
+    let _ = std::fs::remove_dir_all(dir);
+    Keys::generate(&fleet.keys).context("generating the demo fleet's keys")?;
+    let keys = Keys::load(&fleet.keys)?;
+    release::init(&fleet.repo, &keys, Expiries::default(), &SystemClock).await?;
+    for (n, version, notes) in [
+        (1u64, DEMO_GOOD, "demo: a good release"),
+        (2, DEMO_BAD, "demo: fails to install on some vehicles"),
+    ] {
+        let mut data = vec![0u8; DEMO_IMAGE_BYTES];
+        rand::rngs::StdRng::seed_from_u64(n).fill_bytes(&mut data);
+        let image = dir.join(format!("{hardware}-{version}.img"));
+        std::fs::write(&image, &data).with_context(|| format!("writing {}", image.display()))?;
+        let meta = ImageMeta {
+            version: version.into(),
+            hardware_id: hardware.into(),
+            min_version: Some(from.into()),
+            notes: Some(notes.into()),
+        };
+        release::add(
+            &fleet.repo,
+            &keys,
+            &image,
+            &meta,
+            Expiries::default(),
+            &SystemClock,
+        )
+        .await?;
+        std::fs::remove_file(&image)?;
+    }
+    Ok(fleet)
+}
+
+/// Stages the demo releases not staged yet and certifies the depot's director with the demo
+/// fleet's certifier, so simulated vehicles trust its assignments.
+pub async fn stage_demo(
+    ota: &std::sync::Arc<crate::ota::Ota>,
+    fleet: &DemoFleet,
+    hardware: &str,
+    depot_id: &str,
+) -> anyhow::Result<()> {
+    use atlasmesh_ota_staging::certificate::DepotCertificate;
+    use atlasmesh_ota_staging::keys::KeyPair;
+    use atlasmesh_ota_staging::release::CERTIFIER_KEY;
+
+    let actor = crate::ota::Actor {
+        name: "simulator".into(),
+        role: None,
+        request_id: None,
+    };
+    for version in [DEMO_GOOD, DEMO_BAD] {
+        if ota.find(version, Some(hardware)).await.is_ok() {
+            continue;
+        }
+        ota.stage_now(
+            crate::ota::Source::Path(fleet.repo.clone()),
+            hardware.into(),
+            version.into(),
+            actor.clone(),
+        )
+        .await
+        .with_context(|| format!("staging the demo release {version}"))?;
+    }
+    if ota.certificate().is_none() {
+        let certifier = KeyPair::load(&fleet.keys.join(format!("{CERTIFIER_KEY}.pem")))?;
+        let now = std::time::SystemTime::now();
+        let year = Duration::from_secs(365 * 86_400);
+        let cert = DepotCertificate::issue(
+            &certifier,
+            depot_id,
+            ota.director_root_v1(),
+            now,
+            now + year,
+        );
+        ota.install_certificate(&cert.to_json(), depot_id, &actor)
+            .await
+            .context("certifying the depot's director for the demo fleet")?;
+    }
+    Ok(())
+}
+
 /// `atlasmesh sim`.
 pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let depot = Url::parse(&args.depot).with_context(|| format!("--depot {}", args.depot))?;

@@ -332,3 +332,117 @@ async fn simulated_fleet_shows_docked_vehicles_on_the_panel() {
     drop(depot);
     result.expect("browser session");
 }
+
+/// Starts a rollout from the Rollouts page's form.
+async fn start_rollout(
+    client: &fantoccini::Client,
+    depot: &Server,
+    version: &str,
+) -> Result<(), fantoccini::error::CmdError> {
+    client.goto(&depot.url("/rollouts")).await?;
+    let form = client
+        .wait()
+        .for_element(Locator::Css("form[data-json=rollout]"))
+        .await?;
+    for (name, value) in [
+        ("version", version),
+        ("canary", "3"),
+        ("threshold", "80"),
+        ("confidence", "80"),
+    ] {
+        form.find(Locator::Css(&format!("input[name={name}]")))
+            .await?
+            .send_keys(value)
+            .await?;
+    }
+    form.find(Locator::Css("button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    Ok(())
+}
+
+/// Waits until the current rollout's card (live, without reloads) says `phase`; returns its
+/// text.
+async fn rollout_reaches(
+    client: &fantoccini::Client,
+    phase: &str,
+    limit: Duration,
+) -> Result<String, fantoccini::error::CmdError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = match client.find(Locator::Css("section[data-rollout]")).await {
+            Ok(card) => card.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.to_lowercase().contains(phase) {
+            return Ok(text);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not reach {phase}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The simulator's demo: `depot --simulate-fleet` stages a good and a bad release; from the
+/// Rollouts page a technician takes the good one through its waves and watches the bad one
+/// halt, the gate saying why, then rolls it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_fleet_shows_a_good_and_a_bad_release_on_the_rollouts_page() {
+    let depot = tokio::task::spawn_blocking(|| {
+        Server::start(atlasmesh_tests::Options {
+            args: ["--simulate-fleet", "12", "--sim-second", "200ms"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let password = depot.admin_password();
+    let (driver, _profile, client) = open_browser().await;
+    let result = async {
+        sign_in(&client, &depot, &password).await?;
+        start_rollout(&client, &depot, "1.1.0").await?;
+        let card = rollout_reaches(&client, "running", Duration::from_secs(10)).await?;
+        assert!(card.contains("1.1.0"), "{card}");
+        let card = rollout_reaches(&client, "completed", Duration::from_secs(180)).await?;
+        assert!(
+            card.to_lowercase().contains("lower bound"),
+            "gate statistics shown:\n{card}"
+        );
+        client.execute("window.scrollTo(0, 0)", vec![]).await?;
+        let png = client.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-rollout-good.png"), &png).expect("screenshot");
+
+        start_rollout(&client, &depot, "1.2.0").await?;
+        let card = rollout_reaches(&client, "halted", Duration::from_secs(180)).await?;
+        let page = client.find(Locator::Css("main")).await?.text().await?;
+        assert!(
+            page.to_lowercase().contains("cannot pass the gate"),
+            "the decision log says why:\n{page}"
+        );
+        assert!(card.contains("1.2.0"), "{card}");
+        client.execute("window.scrollTo(0, 0)", vec![]).await?;
+        let png = client.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-rollout-bad.png"), &png).expect("screenshot");
+
+        // Rolling back asks first.
+        client
+            .find(Locator::Css("button[data-api-button$='/rollback']"))
+            .await?
+            .click()
+            .await?;
+        client.accept_alert().await?;
+        rollout_reaches(&client, "rolled back", Duration::from_secs(60)).await?;
+        Ok::<_, fantoccini::error::CmdError>(())
+    }
+    .await;
+    client.close().await.ok();
+    drop(driver);
+    drop(depot);
+    result.expect("browser session");
+}

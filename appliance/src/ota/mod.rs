@@ -101,6 +101,12 @@ impl LiveJob {
     }
 }
 
+/// The fleet root pinned in `data_dir`, if any, read before the image cache opens (where
+/// [`Mirror`] keeps it).
+pub fn pinned_fleet_root(data_dir: &std::path::Path) -> Option<Vec<u8>> {
+    std::fs::read(data_dir.join("ota/mirror/fleet-root.json")).ok()
+}
+
 /// Where a staging job reads from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -510,6 +516,30 @@ impl Ota {
             let _ = this.run_job(job, source, hardware, version, actor).await;
         });
         Ok(job)
+    }
+
+    /// Stages from a directory or URL and waits for the outcome (the demo fleet's releases).
+    pub async fn stage_now(
+        self: &Arc<Self>,
+        source: Source,
+        hardware: String,
+        version: String,
+        actor: Actor,
+    ) -> Result<ImageRow, OtaError> {
+        let _guard = self.try_staging_lock()?;
+        let now = unix_ms(self.clock.now());
+        let (kind, described, by) = (source.kind(), source.describe(), actor.name.clone());
+        let (hw, ver) = (hardware.clone(), version.clone());
+        let job = self
+            .db
+            .write(move |tx| db::insert_job(tx, kind, &described, Some(&hw), Some(&ver), &by, now))
+            .await?;
+        self.run_job(job, source, hardware, version, actor).await
+    }
+
+    /// The director's first root: what the fleet certifier certifies.
+    pub fn director_root_v1(&self) -> &[u8] {
+        self.director.root_v1()
     }
 
     async fn run_job(
