@@ -268,19 +268,25 @@ async fn technician_signs_in_and_sees_the_live_overview() {
     result.expect("browser session");
 }
 
-/// README's run command (`atlasmesh depot --simulate-fleet N`): a newcomer sees docked
-/// vehicles on the panel within a minute, and the Vehicles page updates by itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulated_fleet_shows_docked_vehicles_on_the_panel() {
-    let depot = tokio::task::spawn_blocking(|| {
+/// A depot started with `args` (a simulated fleet), off the async runtime.
+async fn simulated_depot(args: &[&str]) -> Server {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
         Server::start(atlasmesh_tests::Options {
-            args: vec!["--simulate-fleet".into(), "12".into()],
+            args,
             ..Default::default()
         })
         .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// README's run command (`atlasmesh depot --simulate-fleet N`): a newcomer sees docked
+/// vehicles on the panel within a minute, and the Vehicles page updates by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_fleet_shows_docked_vehicles_on_the_panel() {
+    let depot = simulated_depot(&["--simulate-fleet", "12"]).await;
     let password = depot.admin_password();
     let (driver, _profile, client) = open_browser().await;
     let started = Instant::now();
@@ -391,17 +397,7 @@ async fn rollout_reaches(
 /// halt, the gate saying why, then rolls it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_fleet_shows_a_good_and_a_bad_release_on_the_rollouts_page() {
-    let depot = tokio::task::spawn_blocking(|| {
-        Server::start(atlasmesh_tests::Options {
-            args: ["--simulate-fleet", "12", "--sim-second", "200ms"]
-                .map(String::from)
-                .to_vec(),
-            ..Default::default()
-        })
-        .unwrap()
-    })
-    .await
-    .unwrap();
+    let depot = simulated_depot(&["--simulate-fleet", "12", "--sim-second", "200ms"]).await;
     let password = depot.admin_password();
     let (driver, _profile, client) = open_browser().await;
     let result = async {

@@ -101,6 +101,16 @@ fn depot_with_fleet(
     (depot, sim)
 }
 
+/// Whether every vehicle a rollout assigned (to any wave) is back on its previous version.
+fn touched_all_rolled_back(rollout: &Value) -> bool {
+    rollout["vehicles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["wave"].is_null())
+        .all(|v| v["stage"] == "rolled_back")
+}
+
 /// How many vehicles the registry says run `version`.
 fn running(depot: &OtaDepot, version: &str) -> usize {
     depot.get("/api/v1/vehicles").unwrap()["vehicles"]
@@ -190,12 +200,7 @@ fn a_good_release_completes_its_waves_and_a_bad_one_halts_and_rolls_back() {
         Duration::from_secs(60),
         || {
             last = depot.get(&format!("/api/v1/rollouts/{bad_id}")).unwrap();
-            last["vehicles"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|v| !v["wave"].is_null())
-                .all(|v| v["stage"] == "rolled_back")
+            touched_all_rolled_back(&last)
         },
     );
     wait_for(
@@ -411,12 +416,7 @@ fn a_thousand_vehicles_a_bad_release_halts_within_the_canary_and_a_good_one_comp
     // Everyone it touched goes back to 1.0.0: in flight, failed, and already updated.
     wait_for("the canary is rolled back", Duration::from_secs(60), || {
         last = depot.get(&path).unwrap();
-        last["vehicles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|v| !v["wave"].is_null())
-            .all(|v| v["stage"] == "rolled_back")
+        touched_all_rolled_back(&last)
     });
     wait_for("no vehicle runs 2.0.0", Duration::from_secs(30), || {
         running(&depot, "1.0.0") == FLEET

@@ -503,12 +503,8 @@ impl Ota {
         actor: Actor,
     ) -> Result<i64, OtaError> {
         let guard = self.try_staging_lock()?;
-        let now = unix_ms(self.clock.now());
-        let (kind, described, by) = (source.kind(), source.describe(), actor.name.clone());
-        let (hw, ver) = (hardware.clone(), version.clone());
         let job = self
-            .db
-            .write(move |tx| db::insert_job(tx, kind, &described, Some(&hw), Some(&ver), &by, now))
+            .record_job(&source, &hardware, &version, &actor)
             .await?;
         let this = self.clone();
         tokio::spawn(async move {
@@ -527,14 +523,26 @@ impl Ota {
         actor: Actor,
     ) -> Result<ImageRow, OtaError> {
         let _guard = self.try_staging_lock()?;
-        let now = unix_ms(self.clock.now());
-        let (kind, described, by) = (source.kind(), source.describe(), actor.name.clone());
-        let (hw, ver) = (hardware.clone(), version.clone());
         let job = self
-            .db
-            .write(move |tx| db::insert_job(tx, kind, &described, Some(&hw), Some(&ver), &by, now))
+            .record_job(&source, &hardware, &version, &actor)
             .await?;
         self.run_job(job, source, hardware, version, actor).await
+    }
+
+    async fn record_job(
+        &self,
+        source: &Source,
+        hardware: &str,
+        version: &str,
+        actor: &Actor,
+    ) -> Result<i64, OtaError> {
+        let now = unix_ms(self.clock.now());
+        let (kind, described, by) = (source.kind(), source.describe(), actor.name.clone());
+        let (hw, ver) = (hardware.to_owned(), version.to_owned());
+        Ok(self
+            .db
+            .write(move |tx| db::insert_job(tx, kind, &described, Some(&hw), Some(&ver), &by, now))
+            .await?)
     }
 
     /// The director's first root: what the fleet certifier certifies.
