@@ -74,6 +74,10 @@ pub struct Vehicle {
     pub assigned_at: Option<Millis>,
     pub booted_at: Option<Millis>,
     pub healthy: bool,
+    /// When the assignment it was released from was made: its withdrawal may cross the
+    /// vehicle starting anyway, and reports of that attempt must still be followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<Millis>,
 }
 
 /// A vehicle as the rollout starts.
@@ -302,6 +306,7 @@ impl Rollout {
                         assigned_at: None,
                         booted_at: None,
                         healthy: false,
+                        released_at: None,
                     },
                 )
             })
@@ -433,7 +438,7 @@ impl Rollout {
     }
 
     fn report(&mut self, id: &str, event: &Event, decisions: &mut Vec<Decision>) {
-        let epoch = self.epoch;
+        let (epoch, wave) = (self.epoch, self.wave);
         let active = self.is_active();
         let v = self.vehicles.get_mut(id).expect("checked by the caller");
         let open = v.outcome.is_none() && v.stage.in_flight() && active;
@@ -448,13 +453,42 @@ impl Rollout {
                 if open && v.stage == Stage::Assigned {
                     // It left (or dropped off the link) before starting: it never touched the
                     // update, so it is no failure; its place goes to a vehicle that is here.
+                    let assigned_at = v.assigned_at;
                     reset(v, epoch);
+                    v.released_at = assigned_at;
                     decisions.push(Decision::Release {
                         vehicle: id.to_owned(),
                     });
                 }
             }
             Event::Assigned { .. } => {}
+            Event::Downloading { .. } | Event::Installed { .. } | Event::BootedGood { .. }
+                if v.stage == Stage::Waiting && v.released_at.is_some() && v.epoch == epoch =>
+            {
+                // Released as it left, it had started after all (the withdrawal crossed its
+                // start). Followed again, in the wave now open; otherwise it would end up on
+                // this version unseen by the gate, and wait forever as "already there".
+                v.wave = Some(wave);
+                v.assigned_at = v.released_at.take();
+                v.stage = match event {
+                    Event::Downloading { .. } => Stage::Downloading,
+                    Event::Installed { .. } => Stage::Installed,
+                    _ => {
+                        v.booted_at = None;
+                        v.healthy = false;
+                        Stage::Soaking
+                    }
+                };
+                if active {
+                    decisions.push(Decision::Assign {
+                        vehicle: id.to_owned(),
+                        wave,
+                    });
+                } else {
+                    // Halted meanwhile: what it installs goes back like the rest.
+                    roll_back(id, v, decisions);
+                }
+            }
             Event::Downloading { .. } if open && v.stage == Stage::Assigned => {
                 v.stage = Stage::Downloading;
             }
@@ -732,4 +766,5 @@ fn reset(v: &mut Vehicle, epoch: u32) {
     v.assigned_at = None;
     v.booted_at = None;
     v.healthy = false;
+    v.released_at = None;
 }

@@ -297,6 +297,123 @@ fn a_vehicle_that_leaves_before_starting_is_released_not_failed() {
 }
 
 #[test]
+fn a_released_vehicle_that_started_anyway_is_followed_again() {
+    let mut p = plan(&[Size::Count(2), Size::Percent(100.0)]);
+    p.gate = Gate {
+        threshold: 0.5,
+        confidence: 0.6,
+    };
+    p.max_concurrent = 2;
+    let (mut rollout, _) = Rollout::start(p, fleet(4), 0).unwrap();
+    let left = Event::Ineligible {
+        vehicle: "veh-0000".into(),
+        reasons: vec!["offline".into()],
+    };
+    rollout.handle(10 * S, &left).unwrap();
+    assert_eq!(rollout.vehicles()["veh-0000"].stage, Stage::Waiting);
+    // The withdrawal crossed its start: its download report arrives after the release.
+    let step = rollout
+        .handle(
+            11 * S,
+            &Event::Downloading {
+                vehicle: "veh-0000".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        step.decisions,
+        vec![Decision::Assign {
+            vehicle: "veh-0000".into(),
+            wave: 0
+        }],
+        "its assignment is restored so its pull still verifies"
+    );
+    let v = &rollout.vehicles()["veh-0000"];
+    assert_eq!(
+        (v.stage, v.wave, v.assigned_at),
+        (Stage::Downloading, Some(0), Some(0))
+    );
+    // And it counts like any other once it boots and passes its soak.
+    rollout
+        .handle(
+            12 * S,
+            &Event::BootedGood {
+                vehicle: "veh-0000".into(),
+            },
+        )
+        .unwrap();
+    rollout
+        .handle(
+            12 * S,
+            &Event::HealthPass {
+                vehicle: "veh-0000".into(),
+            },
+        )
+        .unwrap();
+    rollout
+        .handle(12 * S + rollout.plan().soak_ms, &Event::Tick)
+        .unwrap();
+    assert_eq!(
+        rollout.vehicles()["veh-0000"].outcome,
+        Some(Outcome::Succeeded)
+    );
+    // A vehicle never released is not adopted by a stray report.
+    let step = rollout
+        .handle(
+            13 * S,
+            &Event::Installed {
+                vehicle: "veh-0003".into(),
+            },
+        )
+        .unwrap();
+    assert!(step.decisions.is_empty());
+    assert_eq!(rollout.vehicles()["veh-0003"].stage, Stage::Waiting);
+}
+
+#[test]
+fn a_released_vehicle_that_installs_after_a_halt_is_rolled_back() {
+    let mut p = plan(&[Size::Count(2), Size::Percent(100.0)]);
+    p.gate = Gate {
+        threshold: 0.5,
+        confidence: 0.6,
+    };
+    p.max_concurrent = 2;
+    let (mut rollout, _) = Rollout::start(p, fleet(4), 0).unwrap();
+    rollout
+        .handle(
+            S,
+            &Event::Ineligible {
+                vehicle: "veh-0000".into(),
+                reasons: vec!["not docked".into()],
+            },
+        )
+        .unwrap();
+    rollout
+        .handle(
+            2 * S,
+            &Event::Halt {
+                reason: "test".into(),
+            },
+        )
+        .unwrap();
+    let step = rollout
+        .handle(
+            3 * S,
+            &Event::Installed {
+                vehicle: "veh-0000".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        step.decisions,
+        vec![Decision::RollBack {
+            vehicle: "veh-0000".into(),
+            to_version: Some("1.0.0".into())
+        }]
+    );
+}
+
+#[test]
 fn operators_pause_resume_halt_and_replan_with_smaller_waves() {
     let mut p = plan(&[Size::Count(4), Size::Percent(100.0)]);
     p.gate = Gate {
@@ -452,6 +569,7 @@ proptest! {
         p.deadline_ms = 1800 * S;
         let (mut r, _) = Rollout::start(p.clone(), fleet(n), 0).unwrap();
         let mut now = 0;
+        let mut adopted = HashSet::new();
         for (kind, idx, dt) in ops {
             now += dt * S;
             let before = r.clone();
@@ -462,8 +580,17 @@ proptest! {
             };
             // Counts are conserved.
             prop_assert_eq!(r.counts().values().sum::<u64>(), n as u64);
-            // Never beyond the current wave.
-            let assigned = r.vehicles().values().filter(|v| v.epoch == r.epoch() && v.wave.is_some()).count() as u64;
+            // Never beyond the current wave, but for vehicles that started after their
+            // assignment was withdrawn: those are followed wherever that leaves the wave.
+            if r.epoch() != before.epoch() {
+                adopted.clear();
+            }
+            for (id, v) in r.vehicles() {
+                if before.vehicles()[id].released_at.is_some() && v.stage != Stage::Waiting {
+                    adopted.insert(id.clone());
+                }
+            }
+            let assigned = r.vehicles().iter().filter(|(id, v)| v.epoch == r.epoch() && v.wave.is_some() && !adopted.contains(*id)).count() as u64;
             prop_assert!(assigned <= r.targets()[r.wave()]);
             for d in &step.decisions {
                 if let Decision::Assign { wave, .. } = d {

@@ -473,11 +473,18 @@ fn a_thousand_vehicles_a_bad_release_halts_within_the_canary_and_a_good_one_comp
                 .collect::<Vec<_>>()
                 .join("\n"),
         );
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the good release did not complete: {}",
-            last["waves"]
-        );
+        if started.elapsed() > Duration::from_secs(300) {
+            let waiting: Vec<&Value> = last["vehicles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["outcome"]["kind"] != "succeeded")
+                .collect();
+            panic!(
+                "the good release did not complete: {}\nthe vehicles not done:\n{waiting:#?}",
+                last["waves"]
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!(

@@ -424,7 +424,7 @@ impl Rollouts {
                         && l.machine
                             .vehicles()
                             .get(&r.vehicle_id)
-                            .and_then(|v| v.assigned_at)
+                            .and_then(|v| v.assigned_at.or(v.released_at))
                             .is_some_and(|at| r.received_at >= at);
                     if current {
                         by_rollout
