@@ -26,6 +26,7 @@ pub mod cloud;
 pub mod config;
 pub mod datadir;
 pub mod depot;
+pub mod disks;
 pub mod http;
 pub mod link;
 pub mod logging;
