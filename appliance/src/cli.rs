@@ -52,6 +52,31 @@ pub enum Command {
     Vehicle(VehicleCommand),
     /// Run a simulated fleet against a depot: vehicles dock, charge, report and pull OTA.
     Sim(SimArgs),
+    /// Disk health (SMART) of this machine's disks, through smartctl.
+    #[command(subcommand)]
+    Smart(SmartCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SmartCommand {
+    /// Read every disk smartctl can see once and print each verdict with its reasons. Exits 0
+    /// when all passed, 1 on a warning or an unreadable disk, 2 on a failed disk.
+    Report(SmartReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SmartReportArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The smartctl program (default: disks.smartctl, "smartctl" on the PATH).
+    #[arg(long, value_name = "FILE")]
+    pub smartctl: Option<PathBuf>,
+    /// A device to read instead of the scan (repeatable): `/dev/sda` or "/dev/bus/0 -d megaraid,3".
+    #[arg(long = "device", value_name = "DEVICE")]
+    pub devices: Vec<String>,
 }
 
 /// How simulated vehicles behave (shared by `atlasmesh sim` and `depot --simulate-fleet`).

@@ -39,6 +39,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     );
     let core = Core {
+        alarms: Vec::new(),
         mode: Mode::Cloud,
         started_at: SystemTime::now(),
         started: std::time::Instant::now(),

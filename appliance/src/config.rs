@@ -39,6 +39,7 @@ pub struct Config {
     pub ota: OtaConfig,
     pub vehicle_link: VehicleLinkConfig,
     pub canary: CanaryConfig,
+    pub disks: DisksConfig,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             ota: OtaConfig::default(),
             vehicle_link: VehicleLinkConfig::default(),
             canary: CanaryConfig::default(),
+            disks: DisksConfig::default(),
         }
     }
 }
@@ -266,6 +268,57 @@ impl Default for CanaryConfig {
     }
 }
 
+/// SMART health of the depot's own disks (see `disks`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DisksConfig {
+    /// Off: no smartctl runs, no disk verdicts, nothing blocked.
+    pub enabled: bool,
+    /// The smartctl program (smartmontools 7.0 or later, for `--json`).
+    pub smartctl: PathBuf,
+    /// Devices to check, as smartd names them: `/dev/sda` or `/dev/sda -d sat`. Empty: every
+    /// device `smartctl --scan` finds.
+    pub devices: Vec<String>,
+    /// How often every device is read.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// One smartctl run longer than this is killed and the device reported unknown.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The device holding the data directory (the chunk store). Unset: found from the
+    /// filesystem the data directory is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_device: Option<String>,
+    /// Local time window for self-tests, `HH:MM-HH:MM` (may cross midnight); empty for never.
+    pub quiet_hours: String,
+    /// A short self-test per device this often, in quiet hours (0 for never).
+    #[serde(with = "humantime_serde")]
+    pub short_test_every: Duration,
+    /// A long (extended) self-test per device this often, in quiet hours (0 for never).
+    #[serde(with = "humantime_serde")]
+    pub long_test_every: Duration,
+    /// Verdict changes are POSTed here as JSON, retried with backoff until delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+}
+
+impl Default for DisksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            smartctl: PathBuf::from("smartctl"),
+            devices: Vec::new(),
+            interval: Duration::from_secs(30 * 60),
+            timeout: Duration::from_secs(60),
+            store_device: None,
+            quiet_hours: "02:00-05:00".into(),
+            short_test_every: Duration::from_secs(24 * 3600),
+            long_test_every: Duration::from_secs(7 * 24 * 3600),
+            webhook: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VehicleLinkConfig {
@@ -410,6 +463,38 @@ impl Config {
                 key: "ota.director_refresh",
                 message: "must be at least 10s".into(),
             });
+        }
+        if self.disks.interval < Duration::from_secs(1) || self.disks.timeout.is_zero() {
+            return Err(ConfigError::InvalidValue {
+                key: "disks.interval",
+                message: "`disks.interval` must be at least 1s and `disks.timeout` above zero"
+                    .into(),
+            });
+        }
+        crate::disks::schedule::QuietHours::parse(&self.disks.quiet_hours).map_err(|message| {
+            ConfigError::InvalidValue {
+                key: "disks.quiet_hours",
+                message,
+            }
+        })?;
+        for device in &self.disks.devices {
+            crate::disks::collect::DeviceSpec::parse(device).map_err(|message| {
+                ConfigError::InvalidValue {
+                    key: "disks.devices",
+                    message,
+                }
+            })?;
+        }
+        if let Some(hook) = &self.disks.webhook {
+            match url::Url::parse(hook) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(ConfigError::InvalidValue {
+                        key: "disks.webhook",
+                        message: format!("{hook:?} is not an http(s) URL"),
+                    });
+                }
+            }
         }
         if self.auth.login_max_failures == 0 {
             return Err(ConfigError::InvalidValue {

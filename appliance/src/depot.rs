@@ -176,7 +176,22 @@ async fn run_locked(
     )
     .await
     .context("resuming rollouts")?;
+    let disks = crate::disks::Disks::start(
+        crate::disks::DisksParts {
+            config: config.disks.clone(),
+            data_dir: config.data_dir.clone(),
+            depot_id: prepared.depot_id.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            panel: events.clone(),
+        },
+        &mut registry,
+        shutdown.clone(),
+    )
+    .await
+    .context("starting disk health")?;
     let core = Core {
+        alarms: vec![disks.alarm()],
         mode: Mode::Depot,
         started_at: SystemTime::now(),
         started: std::time::Instant::now(),
@@ -202,6 +217,7 @@ async fn run_locked(
         ota,
         link: link.clone(),
         rollouts,
+        disks,
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());

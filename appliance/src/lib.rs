@@ -36,6 +36,7 @@ pub mod ota_cli;
 pub mod rollouts;
 pub mod shutdown;
 pub mod sim_cli;
+pub mod smart_cli;
 pub mod store;
 pub mod sysstat;
 pub mod tls;

@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use atlasmesh::cli::{Cli, Command, TokenCommand, VehicleCommand};
+use atlasmesh::cli::{Cli, Command, SmartCommand, TokenCommand, VehicleCommand};
 use atlasmesh::config::{Config, ConfigError};
-use atlasmesh::{cloud, depot, logging, ota_cli, shutdown, sim_cli, tools};
+use atlasmesh::{cloud, depot, logging, ota_cli, shutdown, sim_cli, smart_cli, tools};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -104,6 +104,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Vehicle(VehicleCommand::Pull(args)) => {
             runtime()?.block_on(ota_cli::vehicle_pull(args))
+        }
+        Command::Smart(SmartCommand::Report(args)) => {
+            let mut config = Config::load(&args.common.overrides())?.disks;
+            if let Some(path) = &args.smartctl {
+                config.smartctl.clone_from(path);
+            }
+            if !args.devices.is_empty() {
+                config.devices.clone_from(&args.devices);
+            }
+            runtime()?.block_on(smart_cli::report(&config, args.json))
         }
         Command::Sim(args) => {
             logging::init(&atlasmesh::config::LogConfig {

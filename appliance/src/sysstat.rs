@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
-use sysinfo::{Disks, MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+use sysinfo::{
+    Components, Disks, MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, System,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +25,16 @@ pub struct SystemSnapshot {
     /// The filesystem that holds the data directory.
     pub data_fs: Option<FilesystemUse>,
     pub load_average: [f64; 3],
+    /// Temperature sensors (hwmon): CPU, chipset, NVMe composite, whatever the board exposes.
+    pub temperatures: Vec<Temperature>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Temperature {
+    pub label: String,
+    pub celsius: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub critical_celsius: Option<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -35,6 +47,7 @@ pub struct FilesystemUse {
 struct Sampler {
     system: System,
     disks: Disks,
+    components: Components,
     pid: Pid,
     data_dir: PathBuf,
 }
@@ -46,6 +59,7 @@ impl Sampler {
         Self {
             system,
             disks: Disks::new_with_refreshed_list(),
+            components: Components::new_with_refreshed_list(),
             pid: Pid::from_u32(std::process::id()),
             data_dir: std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned()),
         }
@@ -62,6 +76,19 @@ impl Sampler {
         );
         self.disks.refresh(true);
         let load = System::load_average();
+        self.components.refresh(false);
+        let temperatures = self
+            .components
+            .list()
+            .iter()
+            .filter_map(|c| {
+                Some(Temperature {
+                    label: c.label().to_owned(),
+                    celsius: c.temperature().filter(|t| t.is_finite())?,
+                    critical_celsius: c.critical().filter(|t| t.is_finite()),
+                })
+            })
+            .collect();
         // The filesystem holding the data dir is the mount point that is its longest prefix.
         let data_fs = self
             .disks
@@ -86,6 +113,7 @@ impl Sampler {
                 .unwrap_or(0),
             data_fs,
             load_average: [load.one, load.five, load.fifteen],
+            temperatures,
         }
     }
 }

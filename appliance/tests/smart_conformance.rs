@@ -3,9 +3,9 @@
 //! attribute shows up in review. A few verdicts that matter most are also
 //! asserted outright, so they cannot slip through a careless snapshot update.
 
-use serde::Serialize;
 use atlasmesh::disks::smartctl::{self, ParseError, Protocol};
 use atlasmesh::disks::verdict::{self, Assessment, Verdict};
+use serde::Serialize;
 
 /// Fixtures that are genuinely not smartctl device output, with the error
 /// `parse` must give. All real outputs shipped today are device reports.

@@ -4,9 +4,9 @@
 //! parse and assess. Debug builds check integer overflow, so this also
 //! catches arithmetic on hostile numbers.
 
-use serde_json::{Value, json};
 use atlasmesh::disks::smartctl::{self, ParseError};
 use atlasmesh::disks::verdict::{self, Sample};
+use serde_json::{Value, json};
 
 const NOW: i64 = 1_700_000_000;
 

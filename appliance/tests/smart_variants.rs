@@ -3,9 +3,9 @@
 //! the verdict and the reason. The untouched fixture passes (checked first in
 //! every test), so each test fails if its rule stops firing.
 
-use serde_json::{Value, json};
 use atlasmesh::disks::smartctl::{self, ParseError};
 use atlasmesh::disks::verdict::{self, Assessment, Reason, Sample, Verdict};
+use serde_json::{Value, json};
 
 const NOW: i64 = 1_700_000_000;
 const HOUR: i64 = 3600;

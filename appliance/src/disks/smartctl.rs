@@ -185,6 +185,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// As smartctl writes it.
+    pub fn name(&self) -> &str {
+        match self {
+            Protocol::Ata => "ATA",
+            Protocol::Nvme => "NVMe",
+            Protocol::Scsi => "SCSI",
+            Protocol::Other(s) => s,
+        }
+    }
+
     fn from_smartctl(s: &str) -> Self {
         if s.eq_ignore_ascii_case("ATA") {
             Protocol::Ata
@@ -310,7 +320,7 @@ pub struct TemperatureLimits {
 }
 
 /// One self-test log entry, ATA or NVMe, newest first in [`Report::self_tests`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SelfTest {
     /// Test type as smartctl names it, e.g. "Short offline" or "Extended".
     pub kind: String,

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod authn;
+pub mod disks_api;
 pub mod error;
 pub mod fastpath;
 pub mod files;
@@ -99,6 +100,9 @@ pub struct Core {
     pub registry: Arc<Registry>,
     pub database: Database,
     pub system: watch::Receiver<SystemSnapshot>,
+    /// Conditions that degrade `/health` while they hold (`Some(reason)`), such as a failing
+    /// disk under the image store.
+    pub alarms: Vec<watch::Receiver<Option<String>>>,
     pub shutdown: CancellationToken,
 }
 
@@ -129,6 +133,7 @@ pub struct AppState {
     pub ota: Arc<crate::ota::Ota>,
     pub link: Arc<crate::link::VehicleLink>,
     pub rollouts: Arc<crate::rollouts::Rollouts>,
+    pub disks: Arc<crate::disks::Disks>,
 }
 
 impl FromRef<AppState> for Core {
@@ -237,6 +242,11 @@ async fn health(State(core): State<Core>) -> Response {
     }
     if let Err(e) = core.database.ping().await {
         reasons.push(format!("database: {e}"));
+    }
+    for alarm in &core.alarms {
+        if let Some(reason) = alarm.borrow().clone() {
+            reasons.push(reason);
+        }
     }
     let snapshot = core.system.borrow().clone();
     if let Some(fs) = &snapshot.data_fs

@@ -252,6 +252,52 @@ struct StageRequest {
 struct UploadQuery {
     hardware: Option<String>,
     version: Option<String>,
+    /// Stage although the image store's disk is failing (admins only; the reason is audited).
+    disk_override: Option<String>,
+}
+
+/// Staging writes to the image store: refused while its disk is warning or failed, unless an
+/// admin overrides with a reason, which is audited.
+async fn disk_hold(
+    app: &AppState,
+    caller: &Auth<Technician>,
+    disk_override: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(problem) = app.disks.snapshot().store_problem() else {
+        return Ok(());
+    };
+    let Some(reason) = disk_override.map(str::trim).filter(|r| !r.is_empty()) else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_disk_unhealthy",
+            format!(
+                "staging is held: {problem}; replace the disk, or an admin may stage anyway with `disk_override=<reason>`"
+            ),
+        ));
+    };
+    let allowed = caller.identity.role >= crate::auth::Role::Admin;
+    app.record_audit(crate::audit::Entry {
+        actor: caller.identity.actor.clone(),
+        role: Some(caller.identity.role),
+        action: "image.stage.disk_override".into(),
+        target: None,
+        outcome: if allowed {
+            crate::audit::Outcome::Ok
+        } else {
+            crate::audit::Outcome::Denied
+        },
+        request_id: caller.request_id(),
+        detail: json!({"reason": reason, "disk": problem}),
+    })
+    .await;
+    if !allowed {
+        return Err(ApiError::forbidden(
+            "only an admin may stage while the image store's disk is failing",
+        )
+        .with_audited());
+    }
+    tracing::warn!(actor = %caller.identity.actor, reason, disk = %problem, "staging despite the image store's failing disk (admin override)");
+    Ok(())
 }
 
 /// `POST /api/v1/images`: a release bundle (`application/x-tar`) staged as it is uploaded
@@ -263,6 +309,7 @@ async fn stage(
     ApiQuery(query): ApiQuery<UploadQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    disk_hold(&app, &caller, query.disk_override.as_deref()).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
