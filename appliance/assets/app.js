@@ -198,6 +198,11 @@
       if (!document.querySelector("[data-rollout]") || redraw) return;
       redraw = window.setTimeout(() => window.location.reload(), 2000);
     });
+    // So does the disks page, when a reading or an alert arrives.
+    source.addEventListener("disks", () => {
+      if (!document.querySelector("[data-disk]") || redraw) return;
+      redraw = window.setTimeout(() => window.location.reload(), 2000);
+    });
     // Other sections register their own handlers on this hook.
     window.atlasmesh = { source };
   }

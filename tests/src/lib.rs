@@ -20,6 +20,7 @@ use anyhow::{Context, Result, anyhow, bail};
 pub mod bench;
 pub mod mqtt;
 pub mod ota;
+pub mod smart;
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {

@@ -442,3 +442,131 @@ async fn the_demo_fleet_shows_a_good_and_a_bad_release_on_the_rollouts_page() {
     drop(depot);
     result.expect("browser session");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
+    use atlasmesh_tests::smart::{FakeSmartctl, ata_with_reallocated};
+    let (_fake, depot) = tokio::task::spawn_blocking(|| {
+        let fake = FakeSmartctl::new(&[
+            ("/dev/sda", None),
+            ("/dev/nvme0", Some("smartctl-scrutiny/smart-nvme.json")),
+        ]);
+        fake.set("/dev/sda", &ata_with_reallocated(0));
+        let depot = Server::start(atlasmesh_tests::Options {
+            env: vec![
+                (
+                    "ATLASMESH_DISKS__SMARTCTL".into(),
+                    fake.path().display().to_string(),
+                ),
+                ("ATLASMESH_DISKS__STORE_DEVICE".into(), "/dev/sda".into()),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let token = depot.token("technician");
+        let http = atlasmesh_tests::http();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http
+            .get(depot.url("/api/v1/disks"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .json::<serde_json::Value>()
+            .unwrap()["checked_at"]
+            .is_null()
+        {
+            assert!(Instant::now() < deadline, "no first disk reading");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // A second reading a second later, with the store disk losing sectors: a trend and a
+        // warning.
+        std::thread::sleep(Duration::from_millis(1100));
+        fake.set("/dev/sda", &ata_with_reallocated(3));
+        let r = http
+            .post(depot.url("/api/v1/disks/check"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+        (fake, depot)
+    })
+    .await
+    .unwrap();
+    let (_driver, _profile, client) = open_browser().await;
+    sign_in(&client, &depot, &depot.admin_password())
+        .await
+        .unwrap();
+    client.goto(&depot.url("/disks")).await.unwrap();
+    let banner = client
+        .find(Locator::Css("[data-disk-banner]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        banner.contains("Staging new images is held") && banner.contains("/dev/sda"),
+        "{banner}"
+    );
+    let sda = client
+        .find(Locator::Css("[data-disk='9RK1XXXX']"))
+        .await
+        .unwrap();
+    let verdict = sda
+        .find(Locator::Css("h2 [data-verdict]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Pills are upper-cased by the style sheet.
+    assert_eq!(verdict.to_lowercase(), "warning");
+    let reasons = sda
+        .find(Locator::Css("ul.reasons"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(reasons.contains("rose from 0 to 3"), "{reasons}");
+    let chart = sda
+        .find(Locator::Css("[data-trend='Reallocated sectors'] polyline"))
+        .await
+        .unwrap();
+    let points = chart.attr("points").await.unwrap().unwrap_or_default();
+    assert_eq!(points.split(' ').count(), 2, "{points}");
+    let tests = sda
+        .find_all(Locator::Css("[data-self-tests] tbody tr"))
+        .await
+        .unwrap();
+    assert!(!tests.is_empty());
+    let nvme = client
+        .find(Locator::Css(
+            "[data-disk='BTNH93710FS91P0B'] h2 [data-verdict]",
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(nvme.to_lowercase(), "passed");
+    let alerts = client
+        .find(Locator::Css("[data-disk-alerts]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(alerts.contains("passed → warning"), "{alerts}");
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(artifacts_dir().join("panel-disks.png"), png).unwrap();
+    // The banner follows the technician to every page while the hold lasts.
+    client.goto(&depot.url("/")).await.unwrap();
+    assert!(
+        client
+            .find(Locator::Css("[data-disk-banner]"))
+            .await
+            .is_ok()
+    );
+    client.close().await.unwrap();
+}

@@ -45,10 +45,7 @@ pub fn router() -> Router<AppState> {
             "/charging",
             get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Charging)),
         )
-        .route(
-            "/disks",
-            get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Disks)),
-        )
+        .route("/disks", get(pages::disks))
         .route("/audit", get(pages::audit))
         .route("/account", get(pages::account))
         .route("/account/password", post(change_password))

@@ -66,6 +66,7 @@ fn head(title: &str) -> Markup {
 fn layout(app: &AppState, user: &PanelUser, page: PageKind, content: Markup) -> Markup {
     let initial_password =
         crate::depot::initial_password_pending(&app.config.data_dir) && user.role == Role::Admin;
+    let staging_held = app.disks.snapshot().store_problem();
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -101,6 +102,13 @@ fn layout(app: &AppState, user: &PanelUser, page: PageKind, content: Markup) -> 
                                 strong { "The initial admin password is still in use. " }
                                 a href="/account" { "Change it now" }
                                 " — it is stored in plain text in the data directory until you do."
+                            }
+                        }
+                        @if let Some(why) = &staging_held {
+                            div.banner.crit role="alert" data-disk-banner {
+                                strong { "Staging new images is held. " }
+                                (why) ". "
+                                a href="/disks" { "See the disks" }
                             }
                         }
                         h1 { (page.title()) }
@@ -898,4 +906,173 @@ pub fn login(app: &AppState, next: &str, csrf: &str, error: Option<&str>) -> Mar
             }
         }
     }
+}
+
+fn verdict_pill(v: crate::disks::verdict::Verdict) -> Markup {
+    use crate::disks::verdict::Verdict;
+    let class = match v {
+        Verdict::Passed => "ok",
+        Verdict::Unknown => "idle",
+        Verdict::Warning => "warn",
+        Verdict::Failed => "crit",
+    };
+    html! { span class=(format!("pill {class}")) data-verdict=(crate::disks::verdict_name(v)) { (crate::disks::verdict_name(v)) } }
+}
+
+/// A small line chart of one series over the history's span; nothing when under two points.
+fn trend(label: &str, unit: &str, points: &[(i64, f64)]) -> Markup {
+    if points.len() < 2 {
+        return html! {};
+    }
+    let (t0, t1) = (points[0].0, points[points.len() - 1].0.max(points[0].0 + 1));
+    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let span = (hi - lo).max(1.0);
+    let coords: Vec<String> = points
+        .iter()
+        .map(|(t, v)| {
+            let x = (t - t0) as f64 / (t1 - t0) as f64 * 296.0 + 2.0;
+            let y = 46.0 - (v - lo) / span * 42.0;
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    html! {
+        figure.trend data-trend=(label) {
+            figcaption { (label) " " span.muted { (format!("{lo:.0}–{hi:.0} {unit}")) } }
+            svg viewBox="0 0 300 50" width="300" height="50" role="img" aria-label=(format!("{label} over time")) {
+                polyline points=(coords.join(" ")) fill="none" stroke="currentColor" stroke-width="2" {}
+            }
+        }
+    }
+}
+
+/// The depot's own disks: verdicts with reasons, key attributes, trends and self-tests.
+pub async fn disks(user: PanelUser, State(app): State<AppState>) -> Response {
+    let snapshot = app.disks.snapshot();
+    let since = crate::store::unix_ms(app.clock.now()) / 1000 - 30 * 86_400;
+    let mut details = Vec::new();
+    for d in &snapshot.disks {
+        let history = match app.disks.detail(&d.id, since).await {
+            Ok(Some((_, history, _))) => history,
+            _ => Vec::new(),
+        };
+        details.push((d, history));
+    }
+    let alerts = app.disks.alerts(20).await.unwrap_or_default();
+    let system = app.core.system.borrow().clone();
+    let technician = user.role >= Role::Technician;
+    let content = html! {
+        p.error data-api-error hidden {}
+        section.card.wide {
+            @if !snapshot.enabled {
+                p { "Disk health is switched off on this depot (" code { "disks.enabled = false" } ")." }
+            } @else {
+                p.muted {
+                    "Last checked " (snapshot.checked_at.as_deref().map(|t| t.replace('T', " ").chars().take(16).collect::<String>() + " UTC").unwrap_or_else(|| "not yet".into()))
+                    @if let Some(dev) = &snapshot.store_device { " · image store on " code { (dev) } }
+                    ". Updated live."
+                }
+                @if let Some(e) = &snapshot.error { div.banner.warn role="alert" { "No disk list: " (e) } }
+                @if technician {
+                    div.actions { button.small data-api-button="POST /api/v1/disks/check" { "Check now" } }
+                }
+            }
+        }
+        @for (d, history) in &details {
+            section.card.wide data-disk=(d.id) {
+                h2 { (d.device) " " (verdict_pill(d.verdict)) @if d.holds_store { " " span.pill.idle { "image store" } } }
+                p.muted {
+                    (d.model.as_deref().unwrap_or("unknown model"))
+                    @if let Some(s) = &d.serial { " · serial " (s) }
+                    @if let Some(p) = &d.protocol { " · " (p) }
+                    @if let Some(c) = d.capacity_bytes { " · " (bytes(c)) }
+                    " · read " (d.read_at.replace('T', " ").chars().take(16).collect::<String>()) " UTC"
+                }
+                ul.reasons {
+                    @for r in &d.reasons {
+                        li data-severity=(crate::disks::verdict_name(r.severity)) { (verdict_pill(r.severity)) " " (r.message) }
+                    }
+                }
+                @if !d.key_attributes.is_empty() {
+                    table.data.compact {
+                        tbody {
+                            @for k in &d.key_attributes {
+                                tr { th { (k.name) } td { (k.value) @if let Some(u) = &k.unit { " " (u) } @if let Some(n) = &k.note { " " span.muted { (n) } } } }
+                            }
+                            @if let Some(life) = &d.remaining_life {
+                                tr { th { "Remaining life" } td { (format!("{:.0} % used, about {:.0} days left at {:.3} points a day", life.percent_used, life.days_left, life.per_day)) } }
+                            }
+                        }
+                    }
+                }
+                div.trends {
+                    (trend("Temperature", "°C", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.temperature_c? as f64))).collect::<Vec<_>>()))
+                    (trend("Reallocated sectors", "", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.reallocated_sectors? as f64))).collect::<Vec<_>>()))
+                    (trend("Pending sectors", "", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.pending_sectors? as f64))).collect::<Vec<_>>()))
+                    (trend("Media errors", "", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.media_errors? as f64))).collect::<Vec<_>>()))
+                    (trend("Wear", "%", &history.iter().filter_map(|p| Some((p.sample.at_unix, f64::from(p.sample.wear_percent_used?)))).collect::<Vec<_>>()))
+                }
+                h3 { "Self-tests" }
+                p.muted {
+                    "Short last started " (d.short_test_started.as_deref().unwrap_or("never"))
+                    " · long last started " (d.long_test_started.as_deref().unwrap_or("never"))
+                    " (in quiet hours " (app.config.disks.quiet_hours) ")."
+                }
+                @if d.self_tests.is_empty() {
+                    p.muted { "The drive's self-test log is empty." }
+                } @else {
+                    table.data.compact data-self-tests {
+                        thead { tr { th { "Test" } th { "Result" } th { "Power-on hours" } } }
+                        tbody {
+                            @for t in d.self_tests.iter().take(8) {
+                                tr {
+                                    td { (t.kind) }
+                                    td { (t.status) }
+                                    td { (t.lifetime_hours.map(|h| h.to_string()).unwrap_or_default()) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section.card.wide {
+            h2 { "Alerts" }
+            @if alerts.is_empty() {
+                p.muted { "No verdict has changed." }
+            } @else {
+                table.data.compact data-disk-alerts {
+                    thead { tr { th { "When" } th { "Disk" } th { "Change" } th { "Why" } th { "Webhook" } } }
+                    tbody {
+                        @for a in &alerts {
+                            tr {
+                                td.nowrap { (when(Some(a.at))) }
+                                td { (a.device) }
+                                td { (a.from.map(crate::disks::verdict_name).unwrap_or("new")) " → " (crate::disks::verdict_name(a.to)) }
+                                td { (a.reasons.get(0).and_then(|r| r["message"].as_str()).unwrap_or("")) }
+                                td { (a.webhook) @if a.attempts > 0 { " (" (a.attempts) " attempts)" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section.card.wide {
+            h2 { "This machine" }
+            table.data.compact {
+                tbody {
+                    @if let Some(fs) = &system.data_fs {
+                        tr { th { "Data filesystem " code { (fs.mount_point) } } td { (bytes(fs.available_bytes)) " free of " (bytes(fs.total_bytes)) } }
+                    }
+                    @for t in &system.temperatures {
+                        tr { th { (t.label) } td { (format!("{:.0} °C", t.celsius)) @if let Some(c) = t.critical_celsius { span.muted { (format!(" (critical at {c:.0} °C)")) } } } }
+                    }
+                    @if system.temperatures.is_empty() {
+                        tr { th { "Temperature sensors" } td.muted { "none exposed by this machine" } }
+                    }
+                }
+            }
+        }
+    };
+    layout(&app, &user, PageKind::Disks, content).into_response()
 }
