@@ -97,11 +97,17 @@ fn the_collector_judges_every_disk_and_a_failing_store_disk_holds_staging() {
         ("/dev/sdb", Some("smartctl-scrutiny/smart-scsi.json")),
         ("/dev/sdc", None),
         ("/dev/sdd", None),
+        ("/dev/sde", None),
     ]);
     fake.set("/dev/sda", &ata_with_reallocated(0));
     // Truncated JSON, as a smartctl killed mid-write leaves it.
     let whole = std::fs::read_to_string(fixture("smartctl-scrutiny/smart-nvme2.json")).unwrap();
     fake.set("/dev/sdd", &whole[..whole.len() / 2]);
+    // Not smartctl's output at all (a wrapper script printing its own error).
+    fake.set(
+        "/dev/sde",
+        "sudo: a terminal is required to read the password\n",
+    );
     let (hook, received) = webhook(1);
     let smartctl = fake.path().display().to_string();
     let depot = Server::start(Options {
@@ -121,7 +127,7 @@ fn the_collector_judges_every_disk_and_a_failing_store_disk_holds_staging() {
     // The first reading runs at start.
     let list = wait_for("the first reading", Duration::from_secs(30), || {
         let (_, list) = get(&depot, &viewer, "/api/v1/disks");
-        (list["disks"].as_array()?.len() == 5).then_some(list)
+        (list["disks"].as_array()?.len() == 6).then_some(list)
     });
     assert_eq!(list["store_device"], "/dev/sda");
     assert!(list["staging_held"].is_null(), "{list:#}");
@@ -153,6 +159,12 @@ fn the_collector_judges_every_disk_and_a_failing_store_disk_holds_staging() {
     assert!(
         sdd["error"].as_str().unwrap().contains("truncated"),
         "{sdd:#}"
+    );
+    let sde = disk(&list, "/dev/sde");
+    assert_eq!(sde["verdict"], "unknown");
+    assert!(
+        sde["error"].as_str().unwrap().contains("malformed JSON"),
+        "{sde:#}"
     );
     // Self-tests: in quiet hours (all day here) the long one is started first.
     assert!(
@@ -302,8 +314,8 @@ fn the_collector_judges_every_disk_and_a_failing_store_disk_holds_staging() {
             .all(|a| a["webhook"] == "delivered")
             .then_some(all)
     });
-    // sdb (new, failed), sdc and sdd (new, unknown), sda (passed to warning).
-    assert_eq!(delivered.len(), 4, "{delivered:#?}");
+    // sdb (new, failed), sdc, sdd and sde (new, unknown), sda (passed to warning).
+    assert_eq!(delivered.len(), 5, "{delivered:#?}");
     assert!(
         delivered.iter().any(|a| a["attempts"] == 2),
         "{delivered:#?}"
