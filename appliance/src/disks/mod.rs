@@ -234,7 +234,14 @@ impl Disks {
         };
         let store_device = match &self.config.store_device {
             Some(d) => Some(d.clone()),
-            None => store_device_of(&self.data_dir),
+            None => {
+                // sysinfo reads the mount table and calls statvfs: off the async workers.
+                let dir = self.data_dir.clone();
+                tokio::task::spawn_blocking(move || store_device_of(&dir))
+                    .await
+                    .ok()
+                    .flatten()
+            }
         };
         let mut views = Vec::new();
         let mut reports = Vec::new();
@@ -316,7 +323,8 @@ impl Disks {
             Err(_) => None,
         }
         .or(known_id)
-        .unwrap_or_else(|| device.name.clone());
+        // Without a serial, the device name, made fit for a URL path segment.
+        .unwrap_or_else(|| device.name.trim_start_matches("/dev/").replace('/', "-"));
         let history = {
             let id = id.clone();
             self.store
@@ -430,21 +438,26 @@ impl Disks {
             self.webhook_wake.notify_one();
         }
         if let Some(kind) = due {
-            match self.smartctl.start_test(device, kind).await {
+            let started = self.smartctl.start_test(device, kind).await;
+            match &started {
                 Ok(()) => {
-                    let id = view.id.clone();
-                    self.store
-                        .write(move |tx| db::record_test(tx, &id, kind, now_s))
-                        .await?;
-                    let at = crate::audit::rfc3339(now_s * 1000);
-                    match kind {
-                        TestKind::Short => view.short_test_started = Some(at),
-                        TestKind::Long => view.long_test_started = Some(at),
-                    }
-                    tracing::info!(device = %device, kind = kind.as_str(), "started a self-test");
+                    tracing::info!(device = %device, kind = kind.as_str(), "started a self-test")
                 }
+                // Recorded all the same: a drive that refuses is asked again next period, not
+                // every interval of tonight's quiet hours.
                 Err(e) => {
-                    tracing::warn!(device = %device, kind = kind.as_str(), error = %e, "could not start a self-test")
+                    tracing::warn!(device = %device, kind = kind.as_str(), error = %e, "could not start a self-test; trying again next period")
+                }
+            }
+            let id = view.id.clone();
+            self.store
+                .write(move |tx| db::record_test(tx, &id, kind, now_s))
+                .await?;
+            if started.is_ok() {
+                let at = crate::audit::rfc3339(now_s * 1000);
+                match kind {
+                    TestKind::Short => view.short_test_started = Some(at),
+                    TestKind::Long => view.long_test_started = Some(at),
                 }
             }
         }
