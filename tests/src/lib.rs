@@ -314,6 +314,13 @@ impl Server {
         }
     }
 
+    /// Keeps the temporary directory a predecessor's data dir lives in (see `into_parts`).
+    pub fn keep(&mut self, temp: Option<tempfile::TempDir>) {
+        if temp.is_some() {
+            self._temp = temp;
+        }
+    }
+
     /// Gives up the data dir (for a restart on the same data) after the process has stopped.
     pub fn into_parts(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
         if let Some(mut child) = self.child.take() {

@@ -111,6 +111,29 @@ fn touched_all_rolled_back(rollout: &Value) -> bool {
         .all(|v| v["stage"] == "rolled_back")
 }
 
+/// Kills the depot with SIGKILL and starts it again on the same data directory, HTTP address
+/// and MQTT listener (`mqtt_addr`), so the simulated vehicles find it where they left it.
+fn kill9_and_restart(depot: OtaDepot, fleet: &Fleet, mqtt_addr: &str) -> OtaDepot {
+    let OtaDepot { mut server, token } = depot;
+    let addr = server.addr.to_string();
+    server.kill9().unwrap();
+    let (data_dir, temp) = server.into_parts();
+    let mut server = Server::start(Options {
+        data_dir: Some(data_dir),
+        env: vec![
+            ("ATLASMESH_OTA__FLEET_ROOT".into(), s(&fleet.root()).into()),
+            ("ATLASMESH_VEHICLE_LINK__LISTEN".into(), mqtt_addr.into()),
+            ("ATLASMESH_CANARY__INSTALL_ESTIMATE".into(), "1s".into()),
+            ("ATLASMESH_CANARY__DEPARTURE_MARGIN".into(), "0s".into()),
+        ],
+        args: vec!["--http".into(), addr],
+        ..Options::default()
+    })
+    .unwrap();
+    server.keep(temp);
+    OtaDepot { server, token }
+}
+
 /// How many vehicles the registry says run `version`.
 fn running(depot: &OtaDepot, version: &str) -> usize {
     depot.get("/api/v1/vehicles").unwrap()["vehicles"]
@@ -334,24 +357,7 @@ fn a_depot_killed_mid_wave_resumes_exactly_where_it_was() {
         before["counts"]["soaking"] == 5
     });
 
-    let OtaDepot { mut server, token } = depot;
-    let addr = server.addr.to_string();
-    server.kill9().unwrap();
-    let (data_dir, temp) = server.into_parts();
-    let server = Server::start(Options {
-        data_dir: Some(data_dir),
-        env: vec![
-            ("ATLASMESH_OTA__FLEET_ROOT".into(), s(&fleet.root()).into()),
-            ("ATLASMESH_VEHICLE_LINK__LISTEN".into(), mqtt_addr.clone()),
-            ("ATLASMESH_CANARY__INSTALL_ESTIMATE".into(), "1s".into()),
-            ("ATLASMESH_CANARY__DEPARTURE_MARGIN".into(), "0s".into()),
-        ],
-        args: vec!["--http".into(), addr],
-        ..Options::default()
-    })
-    .unwrap();
-    let _temp = temp;
-    let depot = OtaDepot { server, token };
+    let depot = kill9_and_restart(depot, &fleet, &mqtt_addr);
     let after = depot.get(&path).unwrap();
     assert_eq!(after["phase"], "running", "{after}");
     assert_eq!(after["wave"], before["wave"]);
@@ -386,7 +392,15 @@ fn a_depot_killed_mid_wave_resumes_exactly_where_it_was() {
 fn a_thousand_vehicles_a_bad_release_halts_within_the_canary_and_a_good_one_completes() {
     const FLEET: usize = 1000;
     let fleet = Fleet::new().unwrap();
-    let (depot, _sim) = depot_with_fleet(&fleet, &[], "200ms", FLEET, "2.0.0=0.05");
+    // Fixed ports, so the vehicles find the depot again after the kill -9 below.
+    let mqtt_addr = format!("127.0.0.1:{}", free_port());
+    let (depot, _sim) = depot_with_fleet(
+        &fleet,
+        &[("ATLASMESH_VEHICLE_LINK__LISTEN", &mqtt_addr)],
+        "200ms",
+        FLEET,
+        "2.0.0=0.05",
+    );
     // The runbooks' gate, 98 % at 95 % confidence, and the default waves: 5 % raised to the
     // 133 vehicles that gate needs, then 25 %, then everyone.
     let (status, rollout) = post(
@@ -446,6 +460,37 @@ fn a_thousand_vehicles_a_bad_release_halts_within_the_canary_and_a_good_one_comp
     assert_eq!(rollout["vehicles"].as_array().unwrap().len(), FLEET);
     let path = format!("/api/v1/rollouts/{}", rollout["id"]);
     let started = Instant::now();
+    // Killed mid-wave, with vehicles in flight and reports arriving, it resumes where it was:
+    // no vehicle's progress is lost and none is counted twice.
+    let mut before = Value::Null;
+    wait_for(
+        "the second wave is under way",
+        Duration::from_secs(120),
+        || {
+            before = depot.get(&path).unwrap();
+            before["wave"] == 2 && before["counts"]["succeeded"].as_u64() > Some(140)
+        },
+    );
+    let depot = kill9_and_restart(depot, &fleet, &mqtt_addr);
+    let after = depot.get(&path).unwrap();
+    assert_eq!(
+        (&after["phase"], &after["wave"]),
+        (&json!("running"), &json!(2))
+    );
+    // What it had stored survives: nothing succeeded is forgotten, every vehicle is counted once.
+    assert!(
+        after["counts"]["succeeded"].as_u64() >= before["counts"]["succeeded"].as_u64(),
+        "{} before, {} after",
+        before["counts"],
+        after["counts"]
+    );
+    let total: u64 = after["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, FLEET as u64, "{}", after["counts"]);
     loop {
         last = depot.get(&path).unwrap();
         if last["phase"] == "completed" {

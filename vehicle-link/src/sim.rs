@@ -228,6 +228,8 @@ fn now_ms() -> i64 {
 struct Installed {
     version: String,
     ok: bool,
+    /// The reports that said it went well (install, boot, health), for re-sending.
+    succeeded: Vec<Vec<u8>>,
 }
 
 async fn run_vehicle(
@@ -272,6 +274,10 @@ async fn run_vehicle(
     // What the depot was last told, for the final report.
     let mut last_state: Option<State> = None;
     let mut last_dock: Option<Dock> = None;
+    // The latest OTA outcome that went well, re-sent on every reconnect: a depot killed
+    // between its embedded broker's acknowledgement and its store never saw it. Failures are
+    // not re-sent: a later rollout of the same version would count an old one as its own.
+    let mut last_success: Vec<Vec<u8>> = Vec::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -286,6 +292,12 @@ async fn run_vehicle(
                     let state = serde_json::to_vec(last_state.insert(state)).unwrap_or_default();
                     let _ = publish(Upward::State, state, false).await;
                     messages += 3;
+                    if connected_once {
+                        for report in &last_success {
+                            let _ = publish(Upward::Ota, report.clone(), false).await;
+                            messages += 1;
+                        }
+                    }
                     connected_once = true;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -301,6 +313,7 @@ async fn run_vehicle(
                         } else {
                             car.roll_back(&command.version);
                             let report = rollback_report(&command.version);
+                            last_success = vec![report.clone()];
                             let _ = publish(Upward::Ota, report, false).await;
                             let state = serde_json::to_vec(last_state.insert(car.state(config.second))).unwrap_or_default();
                             let _ = publish(Upward::State, state, false).await;
@@ -351,12 +364,15 @@ async fn run_vehicle(
             Some(done) = ota_rx.recv() => {
                 car.busy = false;
                 if done.ok {
+                    last_success = done.succeeded;
                     car.previous = Some(std::mem::replace(&mut car.version, done.version));
                     car.slot = match car.slot { Slot::A => Slot::B, Slot::B => Slot::A };
                 }
                 if let Some(leave) = car.roll_back.take() {
                     car.roll_back(&leave);
-                    let _ = publish(Upward::Ota, rollback_report(&leave), false).await;
+                    let report = rollback_report(&leave);
+                    last_success = vec![report.clone()];
+                    let _ = publish(Upward::Ota, report, false).await;
                     messages += 1;
                 }
                 let state = car.state(config.second);
@@ -432,16 +448,14 @@ async fn install(
                 error,
                 ts_ms: now_ms(),
             };
+            let payload = serde_json::to_vec(&r).unwrap_or_default();
             let _ = client
-                .publish(
-                    topic,
-                    QoS::AtLeastOnce,
-                    false,
-                    serde_json::to_vec(&r).unwrap_or_default(),
-                )
+                .publish(topic, QoS::AtLeastOnce, false, payload.clone())
                 .await;
+            payload
         }
     };
+    let mut succeeded = Vec::new();
     report(OtaPhase::Download, OtaOutcome::Started, None).await;
     let started = std::time::Instant::now();
     tracing::debug!(vehicle = %vehicle, version = %command.version, "pulling");
@@ -482,9 +496,9 @@ async fn install(
                 .await;
                 false
             } else {
-                report(OtaPhase::Install, OtaOutcome::Succeeded, None).await;
-                report(OtaPhase::Boot, OtaOutcome::Succeeded, None).await;
-                report(OtaPhase::Health, OtaOutcome::Succeeded, None).await;
+                for phase in [OtaPhase::Install, OtaPhase::Boot, OtaPhase::Health] {
+                    succeeded.push(report(phase, OtaOutcome::Succeeded, None).await);
+                }
                 true
             }
         }
@@ -506,6 +520,7 @@ async fn install(
         .send(Installed {
             version: command.version,
             ok,
+            succeeded,
         })
         .await;
 }
