@@ -5,9 +5,9 @@ use anyhow::anyhow;
 use serde_json::json;
 
 use crate::config::DisksConfig;
+use crate::disks;
 use crate::disks::collect::DeviceSpec;
 use crate::disks::verdict::Verdict;
-use crate::disks::{self, verdict_name};
 
 pub async fn report(config: &DisksConfig, as_json: bool) -> anyhow::Result<u8> {
     for d in &config.devices {
@@ -58,7 +58,7 @@ pub async fn report(config: &DisksConfig, as_json: bool) -> anyhow::Result<u8> {
                 Ok((report, a)) => {
                     println!(
                         "{device}: {} ({}{}{})",
-                        verdict_name(a.verdict).to_uppercase(),
+                        a.verdict.as_str().to_uppercase(),
                         report.model.as_deref().unwrap_or("unknown model"),
                         report
                             .serial
@@ -72,7 +72,7 @@ pub async fn report(config: &DisksConfig, as_json: bool) -> anyhow::Result<u8> {
                             .unwrap_or_default(),
                     );
                     for r in &a.reasons {
-                        println!("  [{}] {}", verdict_name(r.severity), r.message);
+                        println!("  [{}] {}", r.severity.as_str(), r.message);
                     }
                     for k in &a.key_attributes {
                         println!(

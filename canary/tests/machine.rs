@@ -231,21 +231,30 @@ fn a_silent_vehicle_counts_as_failed_at_its_deadline() {
     );
 }
 
-#[test]
-fn a_vehicle_that_leaves_before_starting_is_released_not_failed() {
+/// Four vehicles, a canary of two under a lenient gate, both assigned at once.
+fn two_of_four() -> (Rollout, Vec<Decision>) {
     let mut p = plan(&[Size::Count(2), Size::Percent(100.0)]);
     p.gate = Gate {
         threshold: 0.5,
         confidence: 0.6,
     };
     p.max_concurrent = 2;
-    let (mut rollout, decisions) = Rollout::start(p, fleet(4), 0).unwrap();
-    assert_eq!(decisions.len(), 2);
-    let left = Event::Ineligible {
-        vehicle: "veh-0000".into(),
+    Rollout::start(p, fleet(4), 0).unwrap()
+}
+
+/// The vehicle left the depot (or dropped off the link).
+fn leaves(vehicle: &str) -> Event {
+    Event::Ineligible {
+        vehicle: vehicle.into(),
         reasons: vec!["not docked".into()],
-    };
-    let step = rollout.handle(10 * S, &left).unwrap();
+    }
+}
+
+#[test]
+fn a_vehicle_that_leaves_before_starting_is_released_not_failed() {
+    let (mut rollout, decisions) = two_of_four();
+    assert_eq!(decisions.len(), 2);
+    let step = rollout.handle(10 * S, &leaves("veh-0000")).unwrap();
     // Released, and its place taken by the next vehicle that is here.
     assert_eq!(
         step.decisions,
@@ -298,18 +307,8 @@ fn a_vehicle_that_leaves_before_starting_is_released_not_failed() {
 
 #[test]
 fn a_released_vehicle_that_started_anyway_is_followed_again() {
-    let mut p = plan(&[Size::Count(2), Size::Percent(100.0)]);
-    p.gate = Gate {
-        threshold: 0.5,
-        confidence: 0.6,
-    };
-    p.max_concurrent = 2;
-    let (mut rollout, _) = Rollout::start(p, fleet(4), 0).unwrap();
-    let left = Event::Ineligible {
-        vehicle: "veh-0000".into(),
-        reasons: vec!["offline".into()],
-    };
-    rollout.handle(10 * S, &left).unwrap();
+    let (mut rollout, _) = two_of_four();
+    rollout.handle(10 * S, &leaves("veh-0000")).unwrap();
     assert_eq!(rollout.vehicles()["veh-0000"].stage, Stage::Waiting);
     // The withdrawal crossed its start: its download report arrives after the release.
     let step = rollout
@@ -372,22 +371,8 @@ fn a_released_vehicle_that_started_anyway_is_followed_again() {
 
 #[test]
 fn a_released_vehicle_that_installs_after_a_halt_is_rolled_back() {
-    let mut p = plan(&[Size::Count(2), Size::Percent(100.0)]);
-    p.gate = Gate {
-        threshold: 0.5,
-        confidence: 0.6,
-    };
-    p.max_concurrent = 2;
-    let (mut rollout, _) = Rollout::start(p, fleet(4), 0).unwrap();
-    rollout
-        .handle(
-            S,
-            &Event::Ineligible {
-                vehicle: "veh-0000".into(),
-                reasons: vec!["not docked".into()],
-            },
-        )
-        .unwrap();
+    let (mut rollout, _) = two_of_four();
+    rollout.handle(S, &leaves("veh-0000")).unwrap();
     rollout
         .handle(
             2 * S,

@@ -443,6 +443,17 @@ async fn the_demo_fleet_shows_a_good_and_a_bad_release_on_the_rollouts_page() {
     result.expect("browser session");
 }
 
+/// The text of the first element matching `css`.
+async fn text_of(client: &fantoccini::Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
     use atlasmesh_tests::smart::{FakeSmartctl, ata_with_reallocated};
@@ -497,13 +508,7 @@ async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
         .await
         .unwrap();
     client.goto(&depot.url("/disks")).await.unwrap();
-    let banner = client
-        .find(Locator::Css("[data-disk-banner]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let banner = text_of(&client, "[data-disk-banner]").await;
     assert!(
         banner.contains("Staging new images is held") && banner.contains("/dev/sda"),
         "{banner}"
@@ -512,22 +517,10 @@ async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
         .find(Locator::Css("[data-disk='9RK1XXXX']"))
         .await
         .unwrap();
-    let verdict = sda
-        .find(Locator::Css("h2 [data-verdict]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let verdict = text_of(&client, "[data-disk='9RK1XXXX'] h2 [data-verdict]").await;
     // Pills are upper-cased by the style sheet.
     assert_eq!(verdict.to_lowercase(), "warning");
-    let reasons = sda
-        .find(Locator::Css("ul.reasons"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let reasons = text_of(&client, "[data-disk='9RK1XXXX'] ul.reasons").await;
     assert!(reasons.contains("rose from 0 to 3"), "{reasons}");
     let chart = sda
         .find(Locator::Css("[data-trend='Reallocated sectors'] polyline"))
@@ -540,23 +533,9 @@ async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
         .await
         .unwrap();
     assert!(!tests.is_empty());
-    let nvme = client
-        .find(Locator::Css(
-            "[data-disk='BTNH93710FS91P0B'] h2 [data-verdict]",
-        ))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let nvme = text_of(&client, "[data-disk='BTNH93710FS91P0B'] h2 [data-verdict]").await;
     assert_eq!(nvme.to_lowercase(), "passed");
-    let alerts = client
-        .find(Locator::Css("[data-disk-alerts]"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let alerts = text_of(&client, "[data-disk-alerts]").await;
     assert!(alerts.contains("passed → warning"), "{alerts}");
     let png = client.screenshot().await.unwrap();
     std::fs::write(artifacts_dir().join("panel-disks.png"), png).unwrap();

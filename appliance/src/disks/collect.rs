@@ -172,15 +172,14 @@ impl Smartctl {
         ];
         args.extend(device.args());
         let (out, code) = self.run(&args).await?;
-        // Bits 0-2: bad command line, device not opened, command failed.
-        let status = smartctl::parse(&out)
-            .ok()
+        let report = smartctl::parse(&out).ok();
+        let status = report
+            .as_ref()
             .and_then(|r| r.exit_status)
             .or(code.map(|c| ExitStatus(c as u8)))
             .unwrap_or(ExitStatus(0));
-        if status.0 & 0b111 != 0 {
-            let message = smartctl::parse(&out)
-                .ok()
+        if status.command_line() || status.device_open_failed() || status.command_failed() {
+            let message = report
                 .and_then(|r| r.messages.first().map(|m| m.text.clone()))
                 .unwrap_or_else(|| format!("exit status {}", status.0));
             return Err(SmartctlError::Refused {

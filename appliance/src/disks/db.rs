@@ -8,25 +8,6 @@ use super::schedule::{self, Change, Resolution, TestKind};
 use super::verdict::{Sample, Verdict};
 use crate::store::StoreError;
 
-fn verdict_str(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Passed => "passed",
-        Verdict::Unknown => "unknown",
-        Verdict::Warning => "warning",
-        Verdict::Failed => "failed",
-    }
-}
-
-pub fn parse_verdict(s: &str) -> Option<Verdict> {
-    Some(match s {
-        "passed" => Verdict::Passed,
-        "unknown" => Verdict::Unknown,
-        "warning" => Verdict::Warning,
-        "failed" => Verdict::Failed,
-        _ => return None,
-    })
-}
-
 /// Stores the latest view of a device; the verdict it had before, if it was known.
 pub fn upsert(
     conn: &Connection,
@@ -45,9 +26,9 @@ pub fn upsert(
         "INSERT INTO disks (id, device, verdict, view, first_seen_at, read_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?5)
          ON CONFLICT (id) DO UPDATE SET device = ?2, verdict = ?3, view = ?4, read_at = ?5",
-        params![id, device, verdict_str(verdict), view, now_ms],
+        params![id, device, verdict.as_str(), view, now_ms],
     )?;
-    Ok(before.as_deref().and_then(parse_verdict))
+    Ok(before.as_deref().and_then(Verdict::parse))
 }
 
 /// Every device's latest view (JSON), by id.
@@ -188,8 +169,8 @@ pub fn insert_alert(conn: &Connection, a: &NewAlert<'_>, now_ms: i64) -> Result<
             a.disk,
             a.device,
             now_ms,
-            a.from.map(verdict_str),
-            verdict_str(a.to),
+            a.from.map(Verdict::as_str),
+            a.to.as_str(),
             a.reasons.to_string(),
             if a.webhook { "pending" } else { "none" },
             a.webhook.then_some(now_ms),
@@ -210,8 +191,8 @@ fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
         disk: r.get(1)?,
         device: r.get(2)?,
         at: r.get(3)?,
-        from: from.as_deref().and_then(parse_verdict),
-        to: parse_verdict(&to).unwrap_or(Verdict::Unknown),
+        from: from.as_deref().and_then(Verdict::parse),
+        to: Verdict::parse(&to).unwrap_or(Verdict::Unknown),
         reasons: serde_json::from_str(&reasons).unwrap_or_default(),
         webhook: r.get(7)?,
         attempts: r.get(8)?,
@@ -219,13 +200,18 @@ fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
     })
 }
 
-/// The newest alerts first.
-pub fn recent_alerts(conn: &Connection, limit: i64) -> Result<Vec<Alert>, StoreError> {
+/// The newest alerts first, of one disk or of all.
+pub fn recent_alerts(
+    conn: &Connection,
+    disk: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Alert>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ALERT_COLUMNS} FROM disk_alerts ORDER BY id DESC LIMIT ?1"
+        "SELECT {ALERT_COLUMNS} FROM disk_alerts WHERE ?1 IS NULL OR disk_id = ?1
+         ORDER BY id DESC LIMIT ?2"
     ))?;
     let rows = stmt
-        .query_map([limit], alert_row)?
+        .query_map(params![disk, limit], alert_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }

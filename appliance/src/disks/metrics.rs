@@ -101,18 +101,13 @@ impl DiskMetrics {
             let mut put = |name: &'static str, labels: Labels, value: f64| {
                 now.entry(name).or_default().push((labels, value));
             };
-            for v in [
-                Verdict::Passed,
-                Verdict::Unknown,
-                Verdict::Warning,
-                Verdict::Failed,
-            ] {
+            for v in Verdict::ALL {
                 let mut labels = dev();
                 labels.push((
                     "serial_number".into(),
                     view.serial.clone().unwrap_or_default(),
                 ));
-                labels.push(("verdict".into(), super::verdict_name(v).into()));
+                labels.push(("verdict".into(), v.as_str().into()));
                 put(
                     "atlasmesh_disk_verdict",
                     labels,

@@ -16,7 +16,6 @@ mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -100,17 +99,8 @@ impl Snapshot {
             "the disk holding the image store ({}, serial {}) is {}: {why}",
             disk.device,
             disk.serial.as_deref().unwrap_or("unknown"),
-            verdict_name(disk.verdict)
+            disk.verdict.as_str()
         ))
-    }
-}
-
-pub fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Passed => "passed",
-        Verdict::Unknown => "unknown",
-        Verdict::Warning => "warning",
-        Verdict::Failed => "failed",
     }
 }
 
@@ -219,7 +209,7 @@ impl Disks {
         let now = self.clock.now();
         let (now_ms, now_s) = (unix_ms(now), unix_ms(now).div_euclid(1000));
         let previous = self.snapshot();
-        let (devices, error) = match self.devices().await {
+        let (devices, error) = match device_list(&self.smartctl, &self.config.devices).await {
             Ok(devices) => (devices, None),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the disks to check");
@@ -295,18 +285,6 @@ impl Disks {
         snapshot
     }
 
-    async fn devices(&self) -> Result<Vec<DeviceSpec>, SmartctlError> {
-        if self.config.devices.is_empty() {
-            return self.smartctl.scan().await;
-        }
-        Ok(self
-            .config
-            .devices
-            .iter()
-            .filter_map(|d| DeviceSpec::parse(d).ok())
-            .collect())
-    }
-
     /// Judges one reading against the device's history, stores it (view, sample, alert on a
     /// verdict change) in one transaction, and starts a self-test when one is due.
     async fn record(
@@ -325,10 +303,13 @@ impl Disks {
         .or(known_id)
         // Without a serial, the device name, made fit for a URL path segment.
         .unwrap_or_else(|| device.name.trim_start_matches("/dev/").replace('/', "-"));
-        let history = {
+        let (history, started) = {
             let id = id.clone();
             self.store
-                .read(move |c| db::history(c, &id, now_s - HISTORY_FOR_VERDICT))
+                .read(move |c| {
+                    let history = db::history(c, &id, now_s - HISTORY_FOR_VERDICT)?;
+                    Ok::<_, StoreError>((history, db::tests_started(c, &id)?))
+                })
                 .await?
         };
         let samples: Vec<_> = history.into_iter().map(|p| p.sample).collect();
@@ -338,10 +319,6 @@ impl Disks {
                 Some(verdict::sample(report, now_s)),
             ),
             Err(e) => (verdict::unknown(e), None),
-        };
-        let started = {
-            let id = id.clone();
-            self.store.read(move |c| db::tests_started(c, &id)).await?
         };
         let mut view = DiskView {
             id: id.clone(),
@@ -424,11 +401,11 @@ impl Disks {
             })
             .await?;
         if let Some(before) = alerted {
-            let level_from = before.map(verdict_name).unwrap_or("new");
+            let level_from = before.map(Verdict::as_str).unwrap_or("new");
             if view.verdict >= Verdict::Warning {
-                tracing::warn!(disk = %view.id, device = %view.device, from = level_from, to = verdict_name(view.verdict), reason = ?view.reasons.first().map(|r| &r.message), "disk verdict changed");
+                tracing::warn!(disk = %view.id, device = %view.device, from = level_from, to = view.verdict.as_str(), reason = ?view.reasons.first().map(|r| &r.message), "disk verdict changed");
             } else {
-                tracing::info!(disk = %view.id, device = %view.device, from = level_from, to = verdict_name(view.verdict), "disk verdict changed");
+                tracing::info!(disk = %view.id, device = %view.device, from = level_from, to = view.verdict.as_str(), "disk verdict changed");
             }
             let _ = self.panel.send(PanelEvent {
                 kind: "disk_alert",
@@ -496,18 +473,37 @@ impl Disks {
                     return Ok(None);
                 };
                 let history = db::history(c, &id, since)?;
-                let alerts = db::recent_alerts(c, 200)?
-                    .into_iter()
-                    .filter(|a| a.disk == id)
-                    .collect();
+                let alerts = db::recent_alerts(c, Some(&id), 200)?;
                 Ok(Some((view, history, alerts)))
             })
             .await
     }
 
-    pub async fn alerts(&self, limit: i64) -> Result<Vec<db::Alert>, StoreError> {
-        self.store.read(move |c| db::recent_alerts(c, limit)).await
+    /// One device's history since `since` (unix seconds), oldest first.
+    pub async fn history(&self, id: &str, since: i64) -> Result<Vec<db::HistoryPoint>, StoreError> {
+        let id = id.to_owned();
+        self.store.read(move |c| db::history(c, &id, since)).await
     }
+
+    pub async fn alerts(&self, limit: i64) -> Result<Vec<db::Alert>, StoreError> {
+        self.store
+            .read(move |c| db::recent_alerts(c, None, limit))
+            .await
+    }
+}
+
+/// The configured devices (validated with the configuration), or every one the scan finds.
+async fn device_list(
+    smartctl: &Smartctl,
+    configured: &[String],
+) -> Result<Vec<DeviceSpec>, SmartctlError> {
+    if configured.is_empty() {
+        return smartctl.scan().await;
+    }
+    Ok(configured
+        .iter()
+        .filter_map(|d| DeviceSpec::parse(d).ok())
+        .collect())
 }
 
 /// Whether the smartctl device `name` is the block device `store` (both may be symlinks, as
@@ -555,15 +551,7 @@ pub async fn report_once(
     config: &DisksConfig,
 ) -> Result<Vec<(DeviceSpec, Result<(Report, verdict::Assessment), String>)>, SmartctlError> {
     let smartctl = Smartctl::new(&config.smartctl, config.timeout);
-    let devices = if config.devices.is_empty() {
-        smartctl.scan().await?
-    } else {
-        config
-            .devices
-            .iter()
-            .filter_map(|d| DeviceSpec::parse(d).ok())
-            .collect()
-    };
+    let devices = device_list(&smartctl, &config.devices).await?;
     let now = unix_ms(std::time::SystemTime::now()).div_euclid(1000);
     let mut out = Vec::new();
     for device in devices {
@@ -578,9 +566,4 @@ pub async fn report_once(
         out.push((device, read));
     }
     Ok(out)
-}
-
-/// Backoff between webhook attempts: 2 s doubling to an hour.
-pub(crate) fn backoff(attempts: i64) -> Duration {
-    Duration::from_secs(2u64.saturating_pow(attempts.clamp(1, 12) as u32).min(3600))
 }

@@ -109,6 +109,29 @@ pub enum Verdict {
     Failed,
 }
 
+impl Verdict {
+    pub const ALL: [Verdict; 4] = [
+        Verdict::Passed,
+        Verdict::Unknown,
+        Verdict::Warning,
+        Verdict::Failed,
+    ];
+
+    /// As serialised: `passed`, `unknown`, `warning`, `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Passed => "passed",
+            Verdict::Unknown => "unknown",
+            Verdict::Warning => "warning",
+            Verdict::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
 /// One finding behind a verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reason {

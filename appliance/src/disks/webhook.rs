@@ -60,7 +60,7 @@ pub async fn deliver(
                     store.write(move |tx| db::delivered(tx, id)).await
                 }
                 Err(e) => {
-                    let wait = super::backoff(attempts);
+                    let wait = backoff(attempts);
                     let error = e.to_string();
                     tracing::warn!(alert = id, url = %url, attempts, retry_in = ?wait, error = %error, "disk alert webhook failed");
                     let next = unix_ms(clock.now()) + wait.as_millis() as i64;
@@ -85,4 +85,9 @@ pub async fn deliver(
             _ = tokio::time::sleep(sleep) => {}
         }
     }
+}
+
+/// Backoff between attempts: 2 s doubling to an hour.
+fn backoff(attempts: i64) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(attempts.clamp(1, 12) as u32).min(3600))
 }

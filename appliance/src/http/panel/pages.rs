@@ -9,6 +9,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use super::{PanelUser, assets};
 use crate::audit;
 use crate::auth::Role;
+use crate::disks::verdict::Sample;
 use crate::http::AppState;
 use crate::sysstat::SystemSnapshot;
 
@@ -916,8 +917,22 @@ fn verdict_pill(v: crate::disks::verdict::Verdict) -> Markup {
         Verdict::Warning => "warn",
         Verdict::Failed => "crit",
     };
-    html! { span class=(format!("pill {class}")) data-verdict=(crate::disks::verdict_name(v)) { (crate::disks::verdict_name(v)) } }
+    html! { span class=(format!("pill {class}")) data-verdict=(v.as_str()) { (v.as_str()) } }
 }
+
+/// The series charted per disk: label, unit, and the value in a history sample.
+type Series = (&'static str, &'static str, fn(&Sample) -> Option<f64>);
+const TRENDS: &[Series] = &[
+    ("Temperature", "°C", |s| s.temperature_c.map(|v| v as f64)),
+    ("Reallocated sectors", "", |s| {
+        s.reallocated_sectors.map(|v| v as f64)
+    }),
+    ("Pending sectors", "", |s| {
+        s.pending_sectors.map(|v| v as f64)
+    }),
+    ("Media errors", "", |s| s.media_errors.map(|v| v as f64)),
+    ("Wear", "%", |s| s.wear_percent_used.map(f64::from)),
+];
 
 /// A small line chart of one series over the history's span; nothing when under two points.
 fn trend(label: &str, unit: &str, points: &[(i64, f64)]) -> Markup {
@@ -952,10 +967,7 @@ pub async fn disks(user: PanelUser, State(app): State<AppState>) -> Response {
     let since = crate::store::unix_ms(app.clock.now()) / 1000 - 30 * 86_400;
     let mut details = Vec::new();
     for d in &snapshot.disks {
-        let history = match app.disks.detail(&d.id, since).await {
-            Ok(Some((_, history, _))) => history,
-            _ => Vec::new(),
-        };
+        let history = app.disks.history(&d.id, since).await.unwrap_or_default();
         details.push((d, history));
     }
     let alerts = app.disks.alerts(20).await.unwrap_or_default();
@@ -990,7 +1002,7 @@ pub async fn disks(user: PanelUser, State(app): State<AppState>) -> Response {
                 }
                 ul.reasons {
                     @for r in &d.reasons {
-                        li data-severity=(crate::disks::verdict_name(r.severity)) { (verdict_pill(r.severity)) " " (r.message) }
+                        li data-severity=(r.severity.as_str()) { (verdict_pill(r.severity)) " " (r.message) }
                     }
                 }
                 @if !d.key_attributes.is_empty() {
@@ -1006,11 +1018,9 @@ pub async fn disks(user: PanelUser, State(app): State<AppState>) -> Response {
                     }
                 }
                 div.trends {
-                    (trend("Temperature", "°C", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.temperature_c? as f64))).collect::<Vec<_>>()))
-                    (trend("Reallocated sectors", "", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.reallocated_sectors? as f64))).collect::<Vec<_>>()))
-                    (trend("Pending sectors", "", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.pending_sectors? as f64))).collect::<Vec<_>>()))
-                    (trend("Media errors", "", &history.iter().filter_map(|p| Some((p.sample.at_unix, p.sample.media_errors? as f64))).collect::<Vec<_>>()))
-                    (trend("Wear", "%", &history.iter().filter_map(|p| Some((p.sample.at_unix, f64::from(p.sample.wear_percent_used?)))).collect::<Vec<_>>()))
+                    @for (label, unit, value) in TRENDS {
+                        (trend(label, unit, &history.iter().filter_map(|p| Some((p.sample.at_unix, value(&p.sample)?))).collect::<Vec<_>>()))
+                    }
                 }
                 h3 { "Self-tests" }
                 p.muted {
@@ -1048,7 +1058,7 @@ pub async fn disks(user: PanelUser, State(app): State<AppState>) -> Response {
                             tr {
                                 td.nowrap { (when(Some(a.at))) }
                                 td { (a.device) }
-                                td { (a.from.map(crate::disks::verdict_name).unwrap_or("new")) " → " (crate::disks::verdict_name(a.to)) }
+                                td { (a.from.map(crate::disks::verdict::Verdict::as_str).unwrap_or("new")) " → " (a.to.as_str()) }
                                 td { (a.reasons.get(0).and_then(|r| r["message"].as_str()).unwrap_or("")) }
                                 td { (a.webhook) @if a.attempts > 0 { " (" (a.attempts) " attempts)" } }
                             }
