@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use semver::Version;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tough::{
     ExpirationEnforcement, Repository, TargetName, Transport, TransportError, TransportStream,
     async_trait,
@@ -540,21 +541,80 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// How much of an interrupted staging file can be kept: the longest run of whole chunks from
+/// its start that hash to the signed chunk index. The file is cut to that length (and removed
+/// when nothing is kept), so a torn tail, or an image that changed upstream, costs only the
+/// chunks that differ. Blocking.
+pub fn resumable_prefix(release: &VerifiedRelease, staging_file: &Path) -> io::Result<u64> {
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(staging_file)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let on_disk = file.metadata()?.len();
+    let mut reader = io::BufReader::with_capacity(1 << 20, &mut file);
+    let mut kept = 0u64;
+    let mut buf = Vec::new();
+    for chunk in &release.index.chunks {
+        if chunk.offset != kept || kept + u64::from(chunk.length) > on_disk {
+            break;
+        }
+        buf.resize(chunk.length as usize, 0);
+        reader.read_exact(&mut buf)?;
+        if hex::encode(Sha256::digest(&buf)) != chunk.sha256 {
+            break;
+        }
+        kept += u64::from(chunk.length);
+    }
+    drop(reader);
+    if kept == 0 {
+        drop(file);
+        fs::remove_file(staging_file)?;
+    } else {
+        file.set_len(kept)?;
+    }
+    Ok(kept)
+}
+
 /// Reads the image once from `source` into a staging file, then checks length, hash and chunk
 /// index against the signed metadata. Blocking: run it off the async workers. On any failure
 /// the staging file is removed.
+///
+/// `resume_from` is the length of a verified prefix already in the staging file (see
+/// [`resumable_prefix`]); `source` then starts at that byte. The prefix is read back from disk
+/// so the hashes and chunk boundaries cover the whole image, and is not written again.
 pub fn ingest_image(
     release: &VerifiedRelease,
     source: impl Read,
     staging_file: &Path,
+    resume_from: u64,
     progress: impl FnMut(u64),
 ) -> Result<Ingested, StagingError> {
     let result = (|| {
-        let file = File::create(staging_file).map_err(StagingError::io(format!(
-            "creating {}",
-            staging_file.display()
-        )))?;
-        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let opening = || StagingError::io(format!("opening {}", staging_file.display()));
+        let (prefix, file) = if resume_from > 0 {
+            let prefix = File::open(staging_file).map_err(opening())?;
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .open(staging_file)
+                .map_err(opening())?;
+            file.seek(SeekFrom::Start(resume_from)).map_err(opening())?;
+            (Some(prefix.take(resume_from)), file)
+        } else {
+            (None, File::create(staging_file).map_err(opening())?)
+        };
+        let mut writer = SkipWriter {
+            skip: resume_from,
+            inner: BufWriter::with_capacity(1 << 20, file),
+        };
+        let source: Box<dyn Read> = match prefix {
+            Some(prefix) => Box::new(prefix.chain(source)),
+            None => Box::new(source),
+        };
         // Never read more than the signed length (+1 to notice a longer source): endless data
         // stops here.
         let limited = source.take(release.image.length + 1);
@@ -574,6 +634,7 @@ pub fn ingest_image(
             }
         })?;
         writer
+            .inner
             .into_inner()
             .map_err(|e| StagingError::io("writing the image")(e.into_error()))?;
         if got.length != release.image.length {
@@ -601,6 +662,27 @@ pub fn ingest_image(
     result
 }
 
+/// Writes what it is given but for the first `skip` bytes, which are already on disk.
+struct SkipWriter<W> {
+    skip: u64,
+    inner: W,
+}
+
+impl<W: Write> Write for SkipWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.skip == 0 {
+            return self.inner.write(buf);
+        }
+        let n = self.skip.min(buf.len() as u64) as usize;
+        self.skip -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Makes a verified, ingested image visible: the pack, its index, the certifier key and the
 /// mirrored metadata.
 pub fn publish(
@@ -624,6 +706,80 @@ pub fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A release as verification would return it, for an image made here.
+    fn release_of(image: &[u8]) -> VerifiedRelease {
+        let got = chunks::ingest(image, &mut io::sink(), |_| {}).unwrap();
+        VerifiedRelease {
+            image: ReleasedImage {
+                target: "hw_1.0.0.img".into(),
+                meta: ImageMeta {
+                    version: "1.0.0".into(),
+                    hardware_id: "hw".into(),
+                    min_version: None,
+                    notes: None,
+                },
+                index_target: "hw_1.0.0.img.chunks.json".into(),
+                length: got.length,
+                sha256: got.sha256,
+                targets_version: 1,
+                targets_expires: SystemTime::now(),
+            },
+            index_bytes: got.index.to_json(),
+            index: got.index,
+            certifier: None,
+            metadata_files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_interrupted_staging_file_resumes_from_its_last_verified_chunk() {
+        let image: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let release = release_of(&image);
+        let chunks = &release.index.chunks;
+        assert!(chunks.len() > 6, "{} chunks", chunks.len());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job-1.img");
+
+        // What a killed depot left: four whole chunks, half of the fifth, and the fifth torn.
+        let cut = (chunks[4].offset + u64::from(chunks[4].length) / 2) as usize;
+        let mut partial = image[..cut].to_vec();
+        partial[cut - 10] ^= 0xff;
+        fs::write(&file, &partial).unwrap();
+        let kept = resumable_prefix(&release, &file).unwrap();
+        assert_eq!(kept, chunks[4].offset, "whole verified chunks are kept");
+        assert_eq!(fs::metadata(&file).unwrap().len(), kept);
+
+        // The source goes on from there; the result is the image, byte for byte.
+        let rest = &image[kept as usize..];
+        let mut seen = 0;
+        let got = ingest_image(&release, rest, &file, kept, |n| seen = n).unwrap();
+        assert_eq!(got.sha256, release.image.sha256);
+        assert_eq!(seen, image.len() as u64, "progress counts the kept prefix");
+        assert_eq!(fs::read(&file).unwrap(), image);
+
+        // A first chunk that does not verify keeps nothing, and no file.
+        let mut bad = image[..cut].to_vec();
+        bad[3] ^= 1;
+        fs::write(&file, &bad).unwrap();
+        assert_eq!(resumable_prefix(&release, &file).unwrap(), 0);
+        assert!(!file.exists());
+        assert_eq!(
+            resumable_prefix(&release, &file).unwrap(),
+            0,
+            "no file, no prefix"
+        );
+
+        // A source that differs after the prefix fails the image hash and leaves nothing.
+        fs::write(&file, &image[..kept as usize]).unwrap();
+        let mut other = image[kept as usize..].to_vec();
+        other[100] ^= 1;
+        let err = ingest_image(&release, &other[..], &file, kept, |_| {}).unwrap_err();
+        assert!(matches!(err, StagingError::Hash { .. }), "{err}");
+        assert!(!file.exists());
+    }
 
     #[test]
     fn metadata_names() {

@@ -56,15 +56,19 @@ pub struct Validation {
 }
 
 impl ImageStore {
-    /// Opens the store under `root`, creating its directories, and empties `staging/`:
-    /// whatever is there was left by a process that died mid-staging and was never visible.
-    pub fn open(root: &Path) -> io::Result<(Self, usize)> {
+    /// Opens the store under `root`, creating its directories, and empties `staging/` but for
+    /// the files `keep` names: whatever is there was left by a process that died mid-staging
+    /// and was never visible; only a download its owner will resume is worth keeping.
+    pub fn open(root: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<(Self, usize)> {
         for dir in ["images", "index", "staging"] {
             fs::create_dir_all(root.join(dir))?;
         }
         let mut leftovers = 0;
         for entry in fs::read_dir(root.join("staging"))? {
             let path = entry?.path();
+            if keep(&path) {
+                continue;
+            }
             if path.is_dir() {
                 fs::remove_dir_all(&path)?;
             } else {
@@ -228,7 +232,7 @@ mod tests {
     #[test]
     fn publish_locate_validate_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = ImageStore::open(dir.path()).unwrap();
+        let (store, _) = ImageStore::open(dir.path(), |_| false).unwrap();
         let data: Vec<u8> = (0..600_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
@@ -260,9 +264,13 @@ mod tests {
         store.remove(&got.sha256).unwrap();
         assert!(!store.pack_path(&got.sha256).exists());
 
-        // Leftovers of a crash are cleared on the next open.
+        // Leftovers of a crash are cleared on the next open, but for those asked to be kept.
         fs::write(store.staging_dir().join("job-2.img"), b"half").unwrap();
-        let (_, leftovers) = ImageStore::open(dir.path()).unwrap();
+        fs::write(store.staging_dir().join("job-3.img"), b"resumable").unwrap();
+        let keep = store.staging_dir().join("job-3.img");
+        let (_, leftovers) = ImageStore::open(dir.path(), |p| p == keep).unwrap();
         assert_eq!(leftovers, 1);
+        assert!(!store.staging_dir().join("job-2.img").exists());
+        assert!(keep.exists());
     }
 }

@@ -620,6 +620,120 @@ fn depot_killed_mid_staging_restarts_with_nothing_visible() {
 }
 
 #[test]
+fn url_staging_resumes_after_the_depot_is_killed_and_fetches_only_the_rest() {
+    const LEN: usize = 12 * MIB;
+    let fleet = Fleet::new().unwrap();
+    let v1 = random_bytes(LEN, 55);
+    fleet.add(HW, "1.0.0", &v1, &[]).unwrap();
+    // The upstream depot serves the release slowly enough to kill the downstream one halfway.
+    let upstream = OtaDepot::start(&fleet, &[]).unwrap();
+    assert_eq!(
+        upstream.stage_dir(&fleet.repo, HW, "1.0.0").unwrap()["state"],
+        "staged"
+    );
+    let response = http()
+        .put(upstream.url("/api/v1/bandwidth"))
+        .bearer_auth(&upstream.token)
+        .json(&json!({"bytes_per_second": 4 * MIB}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let served = || {
+        let text = upstream.server.metrics().unwrap();
+        atlasmesh_tests::metric_sum(
+            &text,
+            "atlasmesh_ota_served_bytes_total",
+            &["kind=\"image\""],
+        )
+    };
+
+    let mut depot = OtaDepot::start(&fleet, &[]).unwrap();
+    let source = format!(
+        "http://127.0.0.1:{}/tuf/image/",
+        upstream.server.addr.port()
+    );
+    let response = http()
+        .post(depot.url("/api/v1/images"))
+        .bearer_auth(&depot.token)
+        .json(&json!({"url": source, "hardware": HW, "version": "1.0.0"}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while depot.get("/api/v1/images").unwrap()["staging"]["bytes_done"]
+        .as_u64()
+        .unwrap_or(0)
+        < (LEN / 2) as u64
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download did not get halfway"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    depot.server.kill9().unwrap();
+    let first_attempt = served();
+    assert!(first_attempt >= (LEN / 2) as f64, "{first_attempt}");
+
+    let (data_dir, temp) = depot.server.into_parts();
+    let server = atlasmesh_tests::Server::start(Options {
+        data_dir: Some(data_dir),
+        env: vec![("ATLASMESH_OTA__FLEET_ROOT".into(), s(&fleet.root()).into())],
+        ..Default::default()
+    })
+    .unwrap();
+    let depot = OtaDepot {
+        server,
+        token: depot.token,
+    };
+    // Nothing is visible until the resumed job has verified everything.
+    assert!(staged_versions(&depot).is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let job = depot.get("/api/v1/staging/1").unwrap();
+        if job["state"] != "running" {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not finish: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["state"], "staged", "{job}");
+    assert_eq!(job["resumes"], 1, "{job}");
+    assert_eq!(staged_versions(&depot), ["1.0.0"]);
+    let logs = depot.server.logs().join("\n");
+    assert!(
+        logs.contains("resuming the download"),
+        "the resume is logged"
+    );
+    let resumed = audit(&depot, "image.stage.resume");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0]["target"], format!("{HW}/1.0.0"));
+
+    // Only the rest was fetched again: a restart from zero would have cost the whole image on
+    // top of the first half.
+    let total = served();
+    eprintln!(
+        "image of {LEN} bytes: upstream served {first_attempt} before the kill, {total} in all"
+    );
+    assert!(
+        total < (LEN + LEN / 4) as f64,
+        "upstream served {total} bytes for a {LEN}-byte image (first attempt {first_attempt})"
+    );
+    let image = http()
+        .get(depot.url(&format!("/images/{HW}_1.0.0.img")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(sha(&image), sha(&v1));
+    assert!(staging_area_is_empty(&depot));
+    drop(temp);
+}
+
+#[test]
 fn bandwidth_cap_is_applied_persisted_and_audited() {
     let fleet = Fleet::new().unwrap();
     let v1 = random_bytes(3 * MIB, 60);

@@ -160,6 +160,8 @@ pub struct JobRow {
     pub started_at: i64,
     pub finished_at: Option<i64>,
     pub started_by: String,
+    /// Times the depot resumed this download after stopping under it.
+    pub resumes: i64,
 }
 
 pub fn insert_job(
@@ -214,21 +216,43 @@ pub fn finish_job(
     Ok(())
 }
 
-/// Jobs left `running` by a process that died are marked `interrupted`.
-pub fn interrupt_running_jobs(conn: &Connection, now: i64) -> Result<usize, StoreError> {
-    Ok(conn.execute(
-        "UPDATE ota_jobs SET state = 'interrupted', finished_at = ?1,
-             error_code = 'interrupted', error = 'the depot stopped while staging; nothing of it was kept'
-         WHERE state = 'running'",
-        [now],
-    )?)
+/// Jobs left `running` by a process that stopped: URL downloads resumed fewer than
+/// `max_resumes` times stay `running`, counted once more, and are returned to be resumed; the
+/// others are marked `interrupted`. Returns the number interrupted and the jobs to resume.
+pub fn recover_running_jobs(
+    conn: &Connection,
+    now: i64,
+    max_resumes: i64,
+) -> Result<(usize, Vec<JobRow>), StoreError> {
+    let resumed: Vec<i64> = conn
+        .prepare(
+            "UPDATE ota_jobs SET resumes = resumes + 1
+             WHERE state = 'running' AND source_kind = 'url' AND resumes < ?1
+                   AND hardware_id IS NOT NULL AND version IS NOT NULL
+             RETURNING id",
+        )?
+        .query_map([max_resumes], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let interrupted = conn.execute(
+        "UPDATE ota_jobs SET state = 'interrupted', finished_at = ?1, error_code = 'interrupted',
+             error = CASE WHEN source_kind = 'url'
+                 THEN 'the depot stopped while staging; gave up after ' || resumes || ' resumes'
+                 ELSE 'the depot stopped while staging; nothing of it was kept' END
+         WHERE state = 'running' AND id NOT IN (SELECT value FROM json_each(?2))",
+        params![now, serde_json::to_string(&resumed).expect("ids serialise")],
+    )?;
+    let mut jobs = Vec::new();
+    for id in resumed {
+        jobs.extend(job(conn, id)?);
+    }
+    Ok((interrupted, jobs))
 }
 
 pub fn job(conn: &Connection, id: i64) -> Result<Option<JobRow>, StoreError> {
     Ok(conn
         .query_row(
             "SELECT id, source_kind, source, hardware_id, version, state, bytes_done, bytes_total, error_code, error, image_id,
-                    started_at, finished_at, started_by FROM ota_jobs WHERE id = ?1",
+                    started_at, finished_at, started_by, resumes FROM ota_jobs WHERE id = ?1",
             [id],
             |r| {
                 Ok(JobRow {
@@ -246,6 +270,7 @@ pub fn job(conn: &Connection, id: i64) -> Result<Option<JobRow>, StoreError> {
                     started_at: r.get(11)?,
                     finished_at: r.get(12)?,
                     started_by: r.get(13)?,
+                    resumes: r.get(14)?,
                 })
             },
         )

@@ -207,6 +207,13 @@ pub struct Ota {
 
 const BANDWIDTH_KEY: &str = "ota.bandwidth_bytes_per_second";
 
+/// Times a URL download is resumed after the depot stopped under it before it is given up.
+const MAX_RESUMES: i64 = 3;
+
+fn staging_file(staging_dir: &Path, job: i64) -> PathBuf {
+    staging_dir.join(format!("job-{job}.img"))
+}
+
 impl Ota {
     /// Opens the cache: clears staging left by a crash, marks interrupted jobs, registers the
     /// staged images, opens (or creates) the director and publishes it if it needs to.
@@ -220,8 +227,28 @@ impl Ota {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, OtaError> {
         let root = data_dir.join("ota");
-        let (store, leftovers) = ImageStore::open(&root.join("store"))
-            .map_err(|e| OtaError::Internal(format!("opening the image store: {e}")))?;
+        let now = unix_ms(clock.now());
+        let (interrupted, resumable, images, stored_rate) = db
+            .write(move |tx| {
+                let (n, resumable) = db::recover_running_jobs(tx, now, MAX_RESUMES)?;
+                let images = db::images(tx, false)?;
+                let rate = meta_get(tx, BANDWIDTH_KEY)?;
+                Ok::<_, StoreError>((n, resumable, images, rate))
+            })
+            .await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                jobs = interrupted,
+                "staging jobs were interrupted by a restart; nothing of them was kept"
+            );
+        }
+        let keep: Vec<PathBuf> = resumable
+            .iter()
+            .map(|job| staging_file(&root.join("store").join("staging"), job.id))
+            .collect();
+        let (store, leftovers) =
+            ImageStore::open(&root.join("store"), |p| keep.iter().any(|k| k == p))
+                .map_err(|e| OtaError::Internal(format!("opening the image store: {e}")))?;
         if leftovers > 0 {
             tracing::warn!(
                 files = leftovers,
@@ -241,21 +268,6 @@ impl Ota {
         }
         let director =
             Director::open(&root.join("director"), &*clock, DirectorExpiries::default()).await?;
-        let now = unix_ms(clock.now());
-        let (interrupted, images, stored_rate) = db
-            .write(move |tx| {
-                let n = db::interrupt_running_jobs(tx, now)?;
-                let images = db::images(tx, false)?;
-                let rate = meta_get(tx, BANDWIDTH_KEY)?;
-                Ok::<_, StoreError>((n, images, rate))
-            })
-            .await?;
-        if interrupted > 0 {
-            tracing::warn!(
-                jobs = interrupted,
-                "staging jobs were interrupted by a restart; nothing of them was kept"
-            );
-        }
         let rate = match stored_rate.and_then(|r| r.parse::<u64>().ok()) {
             Some(r) => Some(r),
             None => Some(config.bandwidth_bytes_per_second),
@@ -305,7 +317,48 @@ impl Ota {
             ota.publish_director().await?;
         }
         ota.clone().spawn_director_refresh(shutdown);
+        ota.clone().spawn_resumes(resumable);
         Ok(ota)
+    }
+
+    /// Resumes the URL downloads a stopped depot left running, one after the other, each from
+    /// the verified part of its staging file.
+    fn spawn_resumes(self: Arc<Self>, jobs: Vec<db::JobRow>) {
+        if jobs.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for job in jobs {
+                let (Some(hardware), Some(version)) = (job.hardware_id, job.version) else {
+                    continue;
+                };
+                let url = match Url::parse(&job.source) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        tracing::error!(job = job.id, error = %e, "cannot resume staging: bad URL");
+                        continue;
+                    }
+                };
+                let _guard = self.staging_lock.clone().lock_owned().await;
+                let actor = Actor {
+                    name: job.started_by,
+                    role: None,
+                    request_id: None,
+                };
+                tracing::info!(job = job.id, source = %url, resume = job.resumes, "resuming a staging job the depot stopped under");
+                self.record(
+                    &actor,
+                    "image.stage.resume",
+                    &format!("{hardware}/{version}"),
+                    Outcome::Ok,
+                    json!({"job": job.id, "source": url.as_str(), "resumes": job.resumes}),
+                )
+                .await;
+                let _ = self
+                    .run_job(job.id, Source::Url(url), hardware, version, actor)
+                    .await;
+            }
+        });
     }
 
     fn register(&self, index: ChunkIndex) {
@@ -560,7 +613,7 @@ impl Ota {
     ) -> Result<ImageRow, OtaError> {
         let described = source.describe();
         let (done, stop) = self.begin_job(job, described.clone(), None);
-        let staging_file = self.store.staging_dir().join(format!("job-{job}.img"));
+        let staging_file = staging_file(&self.store.staging_dir(), job);
         let result = async {
             let location = source.location()?;
             let release = self.verify(&location, &hardware, &version).await?;
@@ -572,6 +625,7 @@ impl Ota {
             let counter = done.clone();
             let (release, ingested) =
                 tokio::task::spawn_blocking(move || -> Result<_, StagingError> {
+                    let mut resume = 0;
                     let reader: Box<dyn std::io::Read> = match image_url.scheme() {
                         "file" => {
                             let path = image_url.to_file_path().map_err(|()| {
@@ -581,17 +635,28 @@ impl Ota {
                                 StagingError::Source(format!("{}: {e}", path.display()))
                             })?)
                         }
-                        _ => Box::new(sources::Download::start(
-                            &handle,
-                            client,
-                            image_url,
-                            release.image.length,
-                            download,
-                        )),
+                        _ => {
+                            // A download the depot stopped under goes on from what of it
+                            // still verifies against the signed chunk index.
+                            resume = staging::resumable_prefix(&release, &file).map_err(|e| {
+                                StagingError::Source(format!("reading {}: {e}", file.display()))
+                            })?;
+                            if resume > 0 {
+                                tracing::info!(job, from_byte = resume, of = release.image.length, "resuming the download from the verified part of the staging file");
+                            }
+                            Box::new(sources::Download::start(
+                                &handle,
+                                client,
+                                image_url,
+                                resume..release.image.length,
+                                download,
+                            ))
+                        }
                     };
-                    let ingested = staging::ingest_image(&release, reader, &file, |n| {
-                        counter.store(n, Ordering::Relaxed)
-                    })?;
+                    let ingested =
+                        staging::ingest_image(&release, reader, &file, resume, |n| {
+                            counter.store(n, Ordering::Relaxed)
+                        })?;
                     Ok((release, ingested))
                 })
                 .await
@@ -637,7 +702,7 @@ impl Ota {
             .await
             .map_err(|e| (None, e.into()))?;
         let (done, stop) = self.begin_job(job, "upload".into(), None);
-        let staging_file = self.store.staging_dir().join(format!("job-{job}.img"));
+        let staging_file = staging_file(&self.store.staging_dir(), job);
         let work_dir = self.store.staging_dir().join(format!("job-{job}"));
         let this = self.clone();
         let handle = tokio::runtime::Handle::current();

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -32,11 +33,13 @@ pub struct Download {
 const MAX_ATTEMPTS: u32 = 8;
 
 impl Download {
+    /// Downloads `bytes` of `url` (the signed length as the end; a start above 0 resumes a
+    /// download the depot stopped under).
     pub fn start(
         handle: &Handle,
         client: reqwest::Client,
         url: Url,
-        length: u64,
+        bytes: Range<u64>,
         bandwidth: Bandwidth,
     ) -> Self {
         let (tx, rx) = mpsc::channel(16);
@@ -44,7 +47,7 @@ impl Download {
         let stop = cancel.clone();
         handle.spawn(async move {
             let result = tokio::select! {
-                r = fetch(&client, &url, length, &bandwidth, &tx) => r,
+                r = fetch(&client, &url, bytes, &bandwidth, &tx) => r,
                 _ = stop.cancelled() => Ok(()),
             };
             if let Err(e) = result {
@@ -68,11 +71,11 @@ impl Drop for Download {
 async fn fetch(
     client: &reqwest::Client,
     url: &Url,
-    length: u64,
+    bytes: Range<u64>,
     bandwidth: &Bandwidth,
     tx: &mpsc::Sender<io::Result<Bytes>>,
 ) -> io::Result<()> {
-    let mut received = 0u64;
+    let (mut received, length) = (bytes.start, bytes.end);
     let mut etag: Option<String> = None;
     let mut attempts = 0u32;
     while received < length {
@@ -307,7 +310,8 @@ pub fn read_bundle(
                     });
                 }
                 let progress = progress.take().expect("one image per bundle");
-                let ingested = staging::ingest_image(&release, &mut entry, staging_file, progress)?;
+                let ingested =
+                    staging::ingest_image(&release, &mut entry, staging_file, 0, progress)?;
                 done = Some((release, ingested));
             }
             Entry::Target(name) => {

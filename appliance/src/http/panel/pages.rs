@@ -423,6 +423,9 @@ pub async fn ota(user: PanelUser, State(app): State<AppState>) -> Response {
                                             "running" => span.pill.idle { "running" },
                                             _ => { span.pill.crit { (job.error_code.as_deref().unwrap_or(&job.state)) } " " span.muted.small { (job.error.as_deref().unwrap_or("")) } },
                                         }
+                                        @if job.resumes > 0 {
+                                            " " span.muted.small { "resumed after a restart" @if job.resumes > 1 { " (" (job.resumes) " times)" } }
+                                        }
                                     }
                                     td.nowrap { (when(job.finished_at)) }
                                 }
