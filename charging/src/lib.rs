@@ -1,8 +1,18 @@
 //! # atlasmesh-charging
 //!
-//! Will own Modbus TCP charger and meter drivers built from declarative register maps, the
-//! failsafe control loop, and the depot's charging scheduler (a pure core). It arrives with the
-//! charging work and has no code yet.
+//! The depot's charging: Modbus TCP charger and meter drivers built from declarative register
+//! maps, the failsafe control loop, and the charging scheduler.
+//!
+//! - [`schedule`]: the scheduler, a pure core: vehicles, the site limit, a base-load forecast
+//!   and a tariff in; power per vehicle per slot, a ready-by-departure verdict with any
+//!   shortfall, and an explanation out. Cost-optimal by an LP, earliest-deadline-first when
+//!   the solver fails.
+//! - [`flow`]: the max-flow network the scheduler's exact algorithm runs on.
+//! - [`instances`]: reproducible depot nights for tests and benchmarks.
 //!
 //! Must not: let the scheduler do I/O, or write a setpoint that would take the site above its
 //! limit, even between two writes.
+
+pub mod flow;
+pub mod instances;
+pub mod schedule;
