@@ -98,6 +98,12 @@ impl PullError {
             PullError::Io { .. } => "io",
         }
     }
+    /// The depot could not be reached or a transfer broke off: trying again later resumes the
+    /// pull, so a vehicle retries instead of reporting a failed update.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.code(), "fetch_failed" | "http")
+    }
+
     fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> PullError {
         let context = context.into();
         move |source| PullError::Io { context, source }

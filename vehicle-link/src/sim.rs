@@ -460,22 +460,35 @@ async fn install(
     let started = std::time::Instant::now();
     tracing::debug!(vehicle = %vehicle, version = %command.version, "pulling");
     let dir = config.state_dir.join(&vehicle);
-    let pulled = match fetch_root(&config.depot_url, &dir).await {
-        Ok(()) => ota::pull(&PullConfig {
-            depot: config.depot_url.clone(),
-            vehicle_id: vehicle.clone(),
-            state_dir: dir.clone(),
-            slot: dir.join("inactive-slot.img"),
-            current: None,
-            hardware_id: Some(config.hardware_id.clone()),
-            installed_version: Some(current),
-            expected_depot: None,
-            concurrency: 4,
-            stop_after_chunks: None,
-        })
-        .await
-        .map_err(|e| format!("{}: {e}", e.code())),
-        Err(e) => Err(e),
+    // A depot that is briefly unreachable (restarting) is waited for: the pull resumes from
+    // its saved progress, and only a real refusal or a depot gone for good is a failure.
+    let mut attempt = 0u64;
+    let pulled = loop {
+        let result = match fetch_root(&config.depot_url, &dir).await {
+            Ok(()) => ota::pull(&PullConfig {
+                depot: config.depot_url.clone(),
+                vehicle_id: vehicle.clone(),
+                state_dir: dir.clone(),
+                slot: dir.join("inactive-slot.img"),
+                current: None,
+                hardware_id: Some(config.hardware_id.clone()),
+                installed_version: Some(current.clone()),
+                expected_depot: None,
+                concurrency: 4,
+                stop_after_chunks: None,
+            })
+            .await
+            .map_err(|e| (e.is_transient(), format!("{}: {e}", e.code()))),
+            Err(e) => Err((true, e)),
+        };
+        match result {
+            Err((true, e)) if attempt < PULL_RETRIES => {
+                attempt += 1;
+                tracing::debug!(vehicle = %vehicle, attempt, error = %e, "depot unreachable; retrying the pull");
+                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            }
+            other => break other.map_err(|(_, e)| e),
+        }
     };
     tracing::debug!(vehicle = %vehicle, version = %command.version, seconds = started.elapsed().as_secs_f64(), result = ?pulled.as_ref().map(|r| &r.outcome), "pulled");
     let ok = match pulled {
@@ -524,6 +537,9 @@ async fn install(
         })
         .await;
 }
+
+/// Pull attempts after the first while the depot is unreachable (about 18 s of waiting in all).
+const PULL_RETRIES: u64 = 8;
 
 /// Trust on first use: a simulated vehicle takes the fleet root its depot serves.
 async fn fetch_root(depot: &Url, dir: &std::path::Path) -> Result<(), String> {
