@@ -452,6 +452,9 @@ pub fn round_minimums(problem: &Problem, power: &mut [Vec<f64>]) {
             *x = 0.0;
         }
     }
+    let mut usage = Usage::of(problem, power);
+    // Slot by slot (the outer loop) because vehicles compete within a slot.
+    #[allow(clippy::needless_range_loop)]
     for t in 0..problem.slots() {
         let mut small: Vec<usize> = (0..problem.vehicles.len())
             .filter(|&v| {
@@ -464,9 +467,9 @@ pub fn round_minimums(problem: &Problem, power: &mut [Vec<f64>]) {
         }
         small.sort_by_key(|&v| (problem.vehicles[v].departure_slot, v));
         for &v in &small {
+            usage.add(t, problem.vehicles[v].circuit, -power[v][t]);
             power[v][t] = 0.0;
         }
-        let mut usage = Usage::of(problem, power);
         for v in small {
             let need = &problem.vehicles[v];
             if usage.room(problem, t, need.circuit) + EPS >= need.min_kw {

@@ -175,6 +175,28 @@ impl OtaDepot {
         Ok(Self { server, token })
     }
 
+    /// Stops this depot (if still running) and starts a new one on the same data directory,
+    /// pinned to the same fleet, with the same admin token; the returned directory guard keeps
+    /// the data alive.
+    pub fn restart(self, fleet: &Fleet) -> Result<(Self, Option<tempfile::TempDir>)> {
+        let (data_dir, temp) = self.server.into_parts();
+        let server = Server::start(Options {
+            data_dir: Some(data_dir),
+            env: vec![(
+                "ATLASMESH_OTA__FLEET_ROOT".to_owned(),
+                s(&fleet.root()).to_owned(),
+            )],
+            ..Default::default()
+        })?;
+        Ok((
+            Self {
+                server,
+                token: self.token,
+            },
+            temp,
+        ))
+    }
+
     pub fn url(&self, path: &str) -> String {
         self.server.url(path)
     }

@@ -585,17 +585,7 @@ fn depot_killed_mid_staging_restarts_with_nothing_visible() {
     depot.server.kill9().unwrap();
     drop(stream);
 
-    let (data_dir, temp) = depot.server.into_parts();
-    let server = atlasmesh_tests::Server::start(Options {
-        data_dir: Some(data_dir),
-        env: vec![("ATLASMESH_OTA__FLEET_ROOT".into(), s(&fleet.root()).into())],
-        ..Default::default()
-    })
-    .unwrap();
-    let depot = OtaDepot {
-        server,
-        token: depot.token,
-    };
+    let (depot, temp) = depot.restart(&fleet).unwrap();
     assert!(
         staged_versions(&depot).is_empty(),
         "no partial image is visible"
@@ -675,17 +665,7 @@ fn url_staging_resumes_after_the_depot_is_killed_and_fetches_only_the_rest() {
     let first_attempt = served();
     assert!(first_attempt >= (LEN / 2) as f64, "{first_attempt}");
 
-    let (data_dir, temp) = depot.server.into_parts();
-    let server = atlasmesh_tests::Server::start(Options {
-        data_dir: Some(data_dir),
-        env: vec![("ATLASMESH_OTA__FLEET_ROOT".into(), s(&fleet.root()).into())],
-        ..Default::default()
-    })
-    .unwrap();
-    let depot = OtaDepot {
-        server,
-        token: depot.token,
-    };
+    let (depot, temp) = depot.restart(&fleet).unwrap();
     // Nothing is visible until the resumed job has verified everything.
     assert!(staged_versions(&depot).is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -215,8 +215,9 @@ fn staging_file(staging_dir: &Path, job: i64) -> PathBuf {
 }
 
 impl Ota {
-    /// Opens the cache: clears staging left by a crash, marks interrupted jobs, registers the
-    /// staged images, opens (or creates) the director and publishes it if it needs to.
+    /// Opens the cache: marks interrupted jobs and clears the staging they left, but for URL
+    /// downloads it resumes; registers the staged images, opens (or creates) the director and
+    /// publishes it if it needs to.
     pub async fn open(
         data_dir: &Path,
         config: &OtaConfig,
