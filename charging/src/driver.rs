@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_modbus::client::{Context, Reader, Writer, tcp};
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::client::{Client, Context, Writer, tcp};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 
 use crate::profile::{
     DecodeError, EncodeError, IecState, KeepAliveMode, Profile, Quantity, Register, SUNSPEC_BASES,
@@ -157,34 +157,40 @@ impl Device {
         address: u16,
         n: u16,
     ) -> Result<Vec<u16>, DriverError> {
-        let words = match fc {
-            1 => {
-                let bits = self
-                    .request(what, async |c| c.read_coils(address, n).await)
-                    .await?;
-                bits.into_iter().map(u16::from).collect()
+        // Through `call`, not the typed readers: those assert the reply's length, and a
+        // device that answers with the wrong count must be an error here, not a panic.
+        let request = match fc {
+            1 => Request::ReadCoils(address, n),
+            2 => Request::ReadDiscreteInputs(address, n),
+            3 => Request::ReadHoldingRegisters(address, n),
+            _ => Request::ReadInputRegisters(address, n),
+        };
+        let response = self.request(what, async |c| c.call(request).await).await?;
+        let words: Vec<u16> = match response {
+            Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
+                // Bit replies are padded to whole bytes.
+                bits.into_iter()
+                    .take(usize::from(n))
+                    .map(u16::from)
+                    .collect()
             }
-            2 => {
-                let bits = self
-                    .request(what, async |c| c.read_discrete_inputs(address, n).await)
-                    .await?;
-                bits.into_iter().map(u16::from).collect()
-            }
-            3 => {
-                self.request(what, async |c| c.read_holding_registers(address, n).await)
-                    .await?
-            }
-            _ => {
-                self.request(what, async |c| c.read_input_registers(address, n).await)
-                    .await?
+            Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => w,
+            other => {
+                return Err(DriverError::Transport {
+                    what: what.to_owned(),
+                    reason: format!("unexpected reply {other:?}"),
+                });
             }
         };
-        // Coil replies are padded to whole bytes; registers must match exactly.
-        let words = if matches!(fc, 1 | 2) && words.len() >= usize::from(n) {
-            words[..usize::from(n)].to_vec()
-        } else {
-            words
-        };
+        if words.len() != usize::from(n) {
+            return Err(DriverError::Decode {
+                what: what.to_owned(),
+                source: DecodeError::Length {
+                    expected: usize::from(n),
+                    got: words.len(),
+                },
+            });
+        }
         Ok(words)
     }
 
