@@ -55,6 +55,49 @@ pub enum Command {
     /// Disk health (SMART) of this machine's disks, through smartctl.
     #[command(subcommand)]
     Smart(SmartCommand),
+    /// Chargers and meters on Modbus TCP: commissioning checks against a register-map profile.
+    #[command(subcommand)]
+    Charger(ChargerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChargerCommand {
+    /// Read a charger or meter once through a profile and print what it says as JSON; with
+    /// `--set-current`, write a current limit (and the keep-alive) too. Exits 1 with the
+    /// reason when the device does not answer or answers wrongly.
+    Read(ChargerReadArgs),
+    /// List the profiles (shipped and in `--profiles-dir`).
+    Profiles(ChargerProfilesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChargerReadArgs {
+    /// Profile name (`alfen-ng9xx`, `keba-p30`, ...).
+    #[arg(long)]
+    pub profile: String,
+    /// `host:port` of the device.
+    #[arg(long)]
+    pub address: String,
+    /// Unit id, when not the profile's.
+    #[arg(long)]
+    pub unit_id: Option<u8>,
+    /// Directory of extra profiles.
+    #[arg(long, value_name = "DIR")]
+    pub profiles_dir: Option<PathBuf>,
+    /// Write this current limit, A (0 stops charging), then read again.
+    #[arg(long, value_name = "AMPS")]
+    pub set_current: Option<f64>,
+    /// Write the failsafe settings and one keep-alive (life bit), as the depot does.
+    #[arg(long)]
+    pub keep_alive: bool,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ChargerProfilesArgs {
+    #[arg(long, value_name = "DIR")]
+    pub profiles_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,7 @@ pub struct Config {
     pub vehicle_link: VehicleLinkConfig,
     pub canary: CanaryConfig,
     pub disks: DisksConfig,
+    pub charging: ChargingConfig,
 }
 
 impl Default for Config {
@@ -56,6 +57,7 @@ impl Default for Config {
             vehicle_link: VehicleLinkConfig::default(),
             canary: CanaryConfig::default(),
             disks: DisksConfig::default(),
+            charging: ChargingConfig::default(),
         }
     }
 }
@@ -81,6 +83,145 @@ impl Default for DepotConfig {
             http: SocketAddr::from(([0, 0, 0, 0], 8080)),
         }
     }
+}
+
+/// Chargers, the site meter and the planner's defaults. The site limit and the tariff are set
+/// by admins on the panel or API once the depot runs; these are the values until then.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChargingConfig {
+    /// How often chargers and the meter are read and the plan is redone.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// A charger that has not answered within this is faulted.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest wait between attempts to reach a faulted charger (the wait doubles up to it).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Grid connection limit until an admin sets one, kW.
+    pub site_limit_kw: f64,
+    /// Battery energy gained per kWh drawn.
+    pub efficiency: f64,
+    /// Charge vehicles to this unless a technician says otherwise, percent.
+    pub target_soc_percent: f64,
+    /// Local time vehicles leave when neither they nor a technician say, `HH:MM`.
+    pub departure: String,
+    /// What a plugged vehicle the depot cannot identify is assumed to need, kWh.
+    pub unknown_vehicle_kwh: f64,
+    /// Energy kept for a vehicle with an OTA install pending (it runs on shore power), kWh.
+    pub ota_reserve_kwh: f64,
+    /// Extra register-map profiles (`*.toml`); a file named like a shipped one replaces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiles_dir: Option<PathBuf>,
+    pub chargers: Vec<ChargerConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meter: Option<MeterConfig>,
+}
+
+impl Default for ChargingConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+            site_limit_kw: 150.0,
+            efficiency: 0.92,
+            target_soc_percent: 80.0,
+            departure: "06:30".into(),
+            unknown_vehicle_kwh: 30.0,
+            ota_reserve_kwh: 2.0,
+            profiles_dir: None,
+            chargers: Vec::new(),
+            meter: None,
+        }
+    }
+}
+
+/// One charge point on Modbus TCP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChargerConfig {
+    pub id: String,
+    /// A shipped profile (`alfen-ng9xx`, `abb-terra-ac`, ...) or one in `profiles_dir`.
+    pub profile: String,
+    /// `host:port`.
+    pub address: String,
+    /// The profile's unit id unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_id: Option<u8>,
+    /// The bay it serves: the vehicle docked there is the one it charges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bay: Option<String>,
+}
+
+/// The meter at the grid connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MeterConfig {
+    pub profile: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_id: Option<u8>,
+}
+
+impl ChargingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &'static str, message: String| ConfigError::InvalidValue { key, message };
+        if self.poll_interval < Duration::from_secs(1) || self.request_timeout.is_zero() {
+            return Err(invalid(
+                "charging.poll_interval",
+                "`charging.poll_interval` must be at least 1s and `charging.request_timeout` above zero".into(),
+            ));
+        }
+        if !(self.site_limit_kw > 0.0 && self.site_limit_kw.is_finite()) {
+            return Err(invalid(
+                "charging.site_limit_kw",
+                "must be above zero".into(),
+            ));
+        }
+        if !(self.efficiency > 0.0 && self.efficiency <= 1.0) {
+            return Err(invalid("charging.efficiency", "must be in (0, 1]".into()));
+        }
+        if !(0.0..=100.0).contains(&self.target_soc_percent) {
+            return Err(invalid(
+                "charging.target_soc_percent",
+                "must be 0 to 100".into(),
+            ));
+        }
+        if parse_hh_mm(&self.departure).is_none() {
+            return Err(invalid(
+                "charging.departure",
+                format!("{:?} is not HH:MM", self.departure),
+            ));
+        }
+        for (key, v) in [
+            ("charging.unknown_vehicle_kwh", self.unknown_vehicle_kwh),
+            ("charging.ota_reserve_kwh", self.ota_reserve_kwh),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(invalid(key, "must be 0 or more".into()));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.chargers {
+            if c.id.is_empty() || !seen.insert(c.id.as_str()) {
+                return Err(invalid(
+                    "charging.chargers",
+                    format!("charger id {:?} is empty or used twice", c.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Minutes after midnight of `HH:MM`.
+pub fn parse_hh_mm(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -464,6 +605,7 @@ impl Config {
                 message: "must be at least 10s".into(),
             });
         }
+        self.charging.validate()?;
         if self.disks.interval < Duration::from_secs(1) || self.disks.timeout.is_zero() {
             return Err(ConfigError::InvalidValue {
                 key: "disks.interval",

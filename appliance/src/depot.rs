@@ -190,6 +190,16 @@ async fn run_locked(
     )
     .await
     .context("starting disk health")?;
+    let charging = crate::charging::Charging::start(
+        crate::charging::ChargingParts {
+            config: config.charging.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            panel: events.clone(),
+        },
+        shutdown.clone(),
+    )
+    .context("starting charging")?;
     let core = Core {
         alarms: vec![disks.alarm()],
         mode: Mode::Depot,
@@ -218,6 +228,7 @@ async fn run_locked(
         link: link.clone(),
         rollouts,
         disks,
+        charging,
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());

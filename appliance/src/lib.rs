@@ -13,6 +13,8 @@
 //! - [`depot`], [`cloud`]: each mode's `run(config, shutdown)`.
 //! - [`http`]: routing, middleware, API, panel, accept loop. [`tls`]: HTTPS.
 //! - [`link`]: the vehicle link (MQTT client, embedded broker, registry, vehicle events).
+//! - [`charging`]: the charging control loop over Modbus chargers and the site meter, driving
+//!   the pure `atlasmesh-charging` scheduler.
 //! - [`rollouts`]: canary rollouts on the depot, driving the pure `atlasmesh-canary` core.
 //! - [`store`]: the depot store, migrations, backup and restore. [`datadir`]: lock and secrets.
 //! - [`auth`]: roles, passwords, tokens, sessions, login limiter. [`audit`]: the audit trail.
@@ -21,6 +23,8 @@
 
 pub mod audit;
 pub mod auth;
+pub mod charger_cli;
+pub mod charging;
 pub mod cli;
 pub mod cloud;
 pub mod config;

@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use atlasmesh::cli::{Cli, Command, SmartCommand, TokenCommand, VehicleCommand};
+use atlasmesh::cli::{ChargerCommand, Cli, Command, SmartCommand, TokenCommand, VehicleCommand};
 use atlasmesh::config::{Config, ConfigError};
-use atlasmesh::{cloud, depot, logging, ota_cli, shutdown, sim_cli, smart_cli, tools};
+use atlasmesh::{charger_cli, cloud, depot, logging, ota_cli, shutdown, sim_cli, smart_cli, tools};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -115,6 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             runtime()?.block_on(smart_cli::report(&config, args.json))
         }
+        Command::Charger(ChargerCommand::Read(args)) => {
+            runtime()?.block_on(charger_cli::read(args))
+        }
+        Command::Charger(ChargerCommand::Profiles(args)) => charger_cli::profiles(args),
         Command::Sim(args) => {
             logging::init(&atlasmesh::config::LogConfig {
                 level: args.log_level.clone(),

@@ -32,6 +32,7 @@ pub fn router(app: AppState) -> Router<AppState> {
         .merge(super::vehicles_api::routes())
         .merge(super::rollouts_api::routes())
         .merge(super::disks_api::routes())
+        .merge(super::charging_api::routes())
         .layer(timeout)
         // Staging reads an upload of gigabytes as it arrives: no request timeout there.
         .merge(super::ota_api::long_routes())

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod authn;
+pub mod charging_api;
 pub mod disks_api;
 pub mod error;
 pub mod fastpath;
@@ -134,6 +135,7 @@ pub struct AppState {
     pub link: Arc<crate::link::VehicleLink>,
     pub rollouts: Arc<crate::rollouts::Rollouts>,
     pub disks: Arc<crate::disks::Disks>,
+    pub charging: Arc<crate::charging::Charging>,
 }
 
 impl FromRef<AppState> for Core {

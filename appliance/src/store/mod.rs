@@ -27,6 +27,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_rollout_cursor.sql"),
     include_str!("migrations/0006_disks.sql"),
     include_str!("migrations/0007_job_resumes.sql"),
+    include_str!("migrations/0008_charging.sql"),
 ];
 
 /// The schema version this binary migrates to.
