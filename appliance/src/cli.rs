@@ -140,6 +140,11 @@ pub struct FleetArgs {
     /// Length of one simulated second (e.g. 100ms runs ten times faster).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub sim_second: std::time::Duration,
+    /// Simulated Modbus TCP chargers at the first N bays (profiles in turn: Alfen, ABB,
+    /// Phoenix, KEBA, Schneider); their vehicles keep a duty roster (morning departures) so
+    /// the panel's Charging page shows a night of charging.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub chargers: usize,
 }
 
 fn parse_rate(s: &str) -> Result<(String, f64), String> {

@@ -190,9 +190,18 @@ async fn run_locked(
     )
     .await
     .context("starting disk health")?;
+    let mut charging_config = config.charging.clone();
+    if let Some(sim) = &simulation
+        && sim.fleet.chargers > 0
+        && charging_config.chargers.is_empty()
+    {
+        charging_config.chargers =
+            crate::sim_cli::start_chargers(sim.fleet.chargers, sim.fleet.seed, shutdown.clone())
+                .await?;
+    }
     let charging = crate::charging::Charging::start(
         crate::charging::ChargingParts {
-            config: config.charging.clone(),
+            config: charging_config,
             store: store.clone(),
             clock: clock.clone(),
             panel: events.clone(),

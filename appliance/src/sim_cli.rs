@@ -42,6 +42,7 @@ pub fn config(fleet: &FleetArgs, at: Endpoints, vehicles: Vec<SimVehicle>) -> Si
         state_dir: at.state_dir,
         hardware_id: fleet.sim_hardware.clone(),
         initial_version: fleet.sim_version.clone(),
+        roster: fleet.chargers > 0,
     }
 }
 
@@ -280,6 +281,14 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         endpoints.broker_port
     );
     let config = config(&args.fleet, endpoints, vehicles);
+    if args.fleet.chargers > 0 {
+        let chargers =
+            start_chargers(args.fleet.chargers, args.fleet.seed, shutdown.clone()).await?;
+        // The depot reaches them through its configuration; this is the part to paste.
+        let snippet = toml::to_string(&serde_json::json!({ "charging": { "chargers": chargers } }))
+            .unwrap_or_default();
+        println!("# simulated chargers: add to the depot's configuration\n{snippet}");
+    }
     if let Some(limit) = args.duration {
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -308,4 +317,51 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("atlasmesh-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Charger profiles the simulated chargers use, in turn.
+const SIM_CHARGER_PROFILES: [&str; 5] = [
+    "alfen-ng9xx",
+    "abb-terra-ac",
+    "phoenix-em-cp-pp-eth",
+    "keba-p30",
+    "schneider-evlink-pro",
+];
+
+/// Starts `n` simulated Modbus TCP chargers on loopback, one per bay from `bay-1`, each with a
+/// vehicle plugged in; returns how the depot reaches them.
+pub async fn start_chargers(
+    n: usize,
+    seed: u64,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<crate::config::ChargerConfig>> {
+    use rand::{Rng, SeedableRng};
+    let profiles = crate::charging::load_profiles(None)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xc4a7);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = SIM_CHARGER_PROFILES[i % SIM_CHARGER_PROFILES.len()];
+        let profile = profiles[name].clone();
+        let vehicle = atlasmesh_charging::sim::SimVehicle {
+            soc_percent: rng.random_range(15.0..70.0),
+            battery_kwh: [60.0, 75.0, 82.5, 100.0][rng.random_range(0..4)],
+            max_kw: 11.0,
+        };
+        let device = atlasmesh_charging::sim::SimDevice::new(profile, Some(vehicle));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a simulated charger")?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(device.clone().serve(listener, shutdown.clone()));
+        tokio::spawn(device.run_physics(shutdown.clone()));
+        out.push(crate::config::ChargerConfig {
+            id: format!("sim-cp-{}", i + 1),
+            profile: name.to_owned(),
+            address,
+            unit_id: None,
+            bay: Some(format!("bay-{}", i + 1)),
+        });
+    }
+    tracing::info!(chargers = n, "simulated Modbus TCP chargers started");
+    Ok(out)
 }

@@ -549,3 +549,63 @@ async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
     );
     client.close().await.unwrap();
 }
+
+/// `atlasmesh depot --simulate-fleet 10 --chargers 10`: simulated Modbus chargers at the
+/// bays, vehicles with morning departures; the Charging page shows the night's plan as a
+/// chart, stacked by vehicle under the site limit, and every charger answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
+    let depot = simulated_depot(&["--simulate-fleet", "10", "--chargers", "10"]).await;
+    let password = depot.admin_password();
+    let (driver, _profile, client) = open_browser().await;
+    let result = async {
+        sign_in(&client, &depot, &password).await?;
+        client.goto(&depot.url("/charging")).await?;
+        // The plan appears after the first polls; the page renders it on load.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let bars = client
+                .find_all(Locator::Css("[data-charging-chart] rect[data-vehicle]"))
+                .await?;
+            let ok = client
+                .find_all(Locator::Css("tr[data-charger][data-status=ok]"))
+                .await?;
+            // Known vehicles (from the vehicle link) rather than only plugged chargers.
+            let known = client
+                .find_all(Locator::Css("[data-charging-chart] rect[data-vehicle^=sim-0]"))
+                .await?;
+            if bars.len() > 20 && ok.len() == 10 && !known.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let html = client.source().await?;
+                std::fs::write(artifacts_dir().join("panel-charging.html"), &html).expect("page");
+                panic!(
+                    "no chart of ten answering chargers within 60 s: {} bars, {} ok (page in panel-charging.html)",
+                    bars.len(),
+                    ok.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            client.refresh().await?;
+        }
+        let limit = client
+            .find(Locator::Css("[data-charging-chart] line[data-site-limit]"))
+            .await?;
+        assert_eq!(limit.attr("data-site-limit").await?.as_deref(), Some("150"));
+        let legend = client
+            .find(Locator::Css("[data-charging-chart] .legend"))
+            .await?
+            .text()
+            .await?;
+        assert!(legend.contains("sim-0001"), "legend: {legend}");
+        let png = client.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-charging.png"), &png).expect("screenshot");
+        Ok::<_, fantoccini::error::CmdError>(())
+    }
+    .await;
+    client.close().await.ok();
+    drop(driver);
+    drop(depot);
+    result.expect("browser session");
+}

@@ -50,6 +50,21 @@ pub struct SimConfig {
     pub state_dir: PathBuf,
     pub hardware_id: String,
     pub initial_version: String,
+    /// Vehicles keep a duty roster, for charging demonstrations: each leaves at its own time
+    /// between 05:00 and 08:00 UTC, stays docked until then, and charges at an AC charger's
+    /// 11 kW in simulated time.
+    pub roster: bool,
+}
+
+/// An AC charger's power, for roster vehicles, kW.
+const ROSTER_CHARGE_KW: f64 = 11.0;
+
+/// Roster vehicle `index`'s next departure after `now_ms`, Unix ms.
+pub fn roster_departure(index: usize, now_ms: i64) -> i64 {
+    const DAY: i64 = 86_400_000;
+    let at = 5 * 3_600_000 + ((index as i64 * 37) % 180) * 60_000;
+    let today = now_ms.div_euclid(DAY) * DAY + at;
+    if today > now_ms { today } else { today + DAY }
 }
 
 /// What a vehicle last told the depot, for comparing with the registry.
@@ -105,6 +120,9 @@ struct Car {
     countdown: u32,
     clock: u64,
     busy: bool,
+    index: usize,
+    roster: bool,
+    second: Duration,
 }
 
 impl Car {
@@ -113,7 +131,10 @@ impl Car {
             StdRng::seed_from_u64(config.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         // Most vehicles start in the depot, so a fresh panel has something to show.
         let docked = rng.random_bool(0.8);
-        let countdown = if docked {
+        let docked = docked || config.roster;
+        let countdown = if config.roster {
+            roster_countdown(index, config.second)
+        } else if docked {
             rng.random_range(60..240)
         } else {
             rng.random_range(20..90)
@@ -131,6 +152,9 @@ impl Car {
             countdown,
             clock: 0,
             busy: false,
+            index,
+            roster: config.roster,
+            second: config.second,
             rng,
         }
     }
@@ -142,7 +166,10 @@ impl Car {
     /// One simulated second; true when the vehicle docked or left.
     fn step(&mut self) -> bool {
         self.clock += 1;
-        if self.plugged() {
+        if self.plugged() && self.roster {
+            let percent = ROSTER_CHARGE_KW / 3600.0 / self.battery_kwh * 100.0;
+            self.soc = (self.soc + percent).min(100.0);
+        } else if self.plugged() {
             self.soc = (self.soc + 0.4).min(100.0);
         } else if !self.docked {
             self.soc = (self.soc - 0.15).max(5.0);
@@ -150,7 +177,9 @@ impl Car {
         self.countdown = self.countdown.saturating_sub(1);
         if self.countdown == 0 && !self.busy {
             self.docked = !self.docked;
-            self.countdown = if self.docked {
+            self.countdown = if self.docked && self.roster {
+                roster_countdown(self.index, self.second)
+            } else if self.docked {
                 self.rng.random_range(60..240)
             } else {
                 self.rng.random_range(20..90)
@@ -187,9 +216,13 @@ impl Car {
     }
 
     fn state(&self, second: Duration) -> State {
-        let departure = self
-            .docked
-            .then(|| now_ms() + (second.as_millis() as i64) * i64::from(self.countdown));
+        let departure = self.docked.then(|| {
+            if self.roster {
+                roster_departure(self.index, now_ms())
+            } else {
+                now_ms() + (second.as_millis() as i64) * i64::from(self.countdown)
+            }
+        });
         State {
             soc_percent: (self.soc * 10.0).round() / 10.0,
             battery_kwh: self.battery_kwh,
@@ -215,6 +248,13 @@ fn rollback_report(version: &str) -> Vec<u8> {
         ts_ms: now_ms(),
     })
     .unwrap_or_default()
+}
+
+/// Simulated seconds until a roster vehicle's departure.
+fn roster_countdown(index: usize, second: Duration) -> u32 {
+    let now = now_ms();
+    let ms = (roster_departure(index, now) - now).max(1000);
+    u32::try_from(ms / (second.as_millis().max(1) as i64)).unwrap_or(u32::MAX)
 }
 
 fn now_ms() -> i64 {

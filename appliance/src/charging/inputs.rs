@@ -224,7 +224,7 @@ mod tests {
             &crate::charging::db::default_tariff(),
             &[10.0; SLOTS],
             0.9,
-            &[s.clone()],
+            std::slice::from_ref(&s),
         );
         let v = &p.vehicles[0];
         assert_eq!(v.energy_kwh, 202.0);

@@ -32,7 +32,7 @@ async fn chargers(_caller: Auth<Viewer>, State(app): State<AppState>) -> Respons
 async fn plan(_caller: Auth<Viewer>, State(app): State<AppState>) -> Result<Response, ApiError> {
     match app.charging.snapshot().plan {
         Some(plan) => Ok(axum::Json(plan).into_response()),
-        None if app.config.charging.chargers.is_empty() => Err(ApiError::not_found(
+        None if app.charging.config().chargers.is_empty() => Err(ApiError::not_found(
             "no chargers are configured (charging.chargers), so there is no plan",
         )),
         None => Err(ApiError::not_found(

@@ -31,8 +31,6 @@ use crate::audit::{self, Outcome};
 use crate::auth::{self, Role};
 use crate::store::unix_ms;
 
-pub(crate) use pages::PageKind;
-
 const LOGIN_CSRF_COOKIE: &str = "atlasmesh_login_csrf";
 
 pub fn router() -> Router<AppState> {
@@ -41,10 +39,7 @@ pub fn router() -> Router<AppState> {
         .route("/ota", get(pages::ota))
         .route("/rollouts", get(pages::rollouts))
         .route("/vehicles", get(pages::vehicles))
-        .route(
-            "/charging",
-            get(|u: PanelUser, s: State<AppState>| pages::pending(u, s, PageKind::Charging)),
-        )
+        .route("/charging", get(pages::charging))
         .route("/disks", get(pages::disks))
         .route("/audit", get(pages::audit))
         .route("/account", get(pages::account))

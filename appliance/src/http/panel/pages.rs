@@ -275,9 +275,14 @@ pub async fn overview(user: PanelUser, State(app): State<AppState>) -> Markup {
                             crate::link::BrokerInfo::External { url } => { "external broker " code { (url) } }
                         }
                     } }
-                    tr { td { "Canary controller" } td { span.pill.idle { "not yet" } } td.muted { "arrives with canary waves" } }
-                    tr { td { "Charging optimizer" } td { span.pill.idle { "not yet" } } td.muted { "arrives with charging" } }
-                    tr { td { "Disk health (SMART)" } td { span.pill.idle { "not yet" } } td.muted { "arrives with disk health" } }
+                    tr { td { "Canary controller" } td { span.pill.ok { "running" } } td.muted { "rollouts in waves with gates; see Rollouts" } }
+                    @let chargers = app.charging.snapshot().chargers;
+                    tr { td { "Charging" } td {
+                        @if chargers.is_empty() { span.pill.idle { "no chargers" } }
+                        @else if chargers.iter().all(|c| c.status == "ok") { span.pill.ok { "running" } }
+                        @else { span.pill.warn { "degraded" } }
+                    } td.muted { (format!("{} of {} chargers answering; see Charging", chargers.iter().filter(|c| c.status == "ok").count(), chargers.len())) } }
+                    tr { td { "Disk health (SMART)" } td { span.pill.ok { "running" } } td.muted { "verdicts and trends; see Disks" } }
                 }
             }
         }
@@ -751,40 +756,6 @@ fn vehicle_row(v: &crate::link::db::VehicleView) -> Markup {
     }
 }
 
-/// Sections whose subsystem has not been built yet say so plainly.
-pub async fn pending(user: PanelUser, State(app): State<AppState>, kind: PageKind) -> Markup {
-    let (what, when) = match kind {
-        PageKind::Ota => (
-            "Staged OTA images, their signatures, validation and the depot's upload limit",
-            "OTA staging",
-        ),
-        PageKind::Rollouts => (
-            "Canary waves with their gates, decisions and rollbacks",
-            "canary waves",
-        ),
-        PageKind::Vehicles => (
-            "Docked vehicles, bays, charge state and OTA progress",
-            "the vehicle link",
-        ),
-        PageKind::Charging => (
-            "Chargers, the site limit and tonight's charging plan",
-            "charging",
-        ),
-        PageKind::Disks => (
-            "SMART health, history and self-tests of the depot's own disks",
-            "disk health",
-        ),
-        _ => ("This section", "a later release"),
-    };
-    let content = html! {
-        section.card.empty {
-            p.big { "Not available on this depot yet" }
-            p { (what) " will appear here. This part of the depot arrives with " strong { (when) } "; until then nothing is tracked, so nothing is shown." }
-        }
-    };
-    layout(&app, &user, kind, content)
-}
-
 pub async fn audit(
     user: PanelUser,
     State(app): State<AppState>,
@@ -1088,4 +1059,150 @@ pub async fn disks(user: PanelUser, State(app): State<AppState>) -> Response {
         }
     };
     layout(&app, &user, PageKind::Disks, content).into_response()
+}
+
+/// Colours of the vehicles' stacks in the charging chart (repeating).
+const STACK_COLOURS: [&str; 8] = [
+    "#2b6cb0", "#2f855a", "#b7791f", "#6b46c1", "#c05621", "#2c7a7b", "#b83280", "#4a5568",
+];
+
+/// The plan as a chart: planned power per slot stacked by vehicle on the base load, the site
+/// limit as a line and the tariff as a step line on its own scale.
+fn charging_chart(plan: &crate::charging::PlanView) -> Markup {
+    let slots = plan.price.len().max(1);
+    let (w, h, left, bottom) = (960.0, 260.0, 40.0, 24.0);
+    let bar = (w - left) / slots as f64;
+    let peak = (0..slots)
+        .map(|t| plan.base_load_kw[t] + plan.vehicles.iter().map(|v| v.power_kw[t]).sum::<f64>())
+        .fold(plan.site_limit_kw, f64::max)
+        * 1.1;
+    let y = |kw: f64| (h - bottom) - kw / peak * (h - bottom - 8.0);
+    let price_hi = plan
+        .price
+        .iter()
+        .copied()
+        .fold(f64::MIN, f64::max)
+        .max(0.01);
+    let price_y = |p: f64| (h - bottom) - p / price_hi * (h - bottom - 8.0) * 0.9;
+    let tz = jiff::tz::TimeZone::system();
+    let slot_ms = i64::from(plan.slot_minutes) * 60_000;
+    let mut tariff = String::new();
+    for (t, p) in plan.price.iter().enumerate() {
+        let x0 = left + t as f64 * bar;
+        tariff.push_str(&format!(
+            "{x0:.1},{:.1} {:.1},{:.1} ",
+            price_y(*p),
+            x0 + bar,
+            price_y(*p)
+        ));
+    }
+    // Per slot, each charging vehicle's (index, from kW, to kW) on top of the base load.
+    let stacks: Vec<Vec<(usize, f64, f64)>> = (0..slots)
+        .map(|t| {
+            let mut level = plan.base_load_kw[t];
+            let mut out = Vec::new();
+            for (i, v) in plan.vehicles.iter().enumerate() {
+                let kw = v.power_kw[t];
+                if kw > 0.0 {
+                    out.push((i, level, level + kw));
+                    level += kw;
+                }
+            }
+            out
+        })
+        .collect();
+    html! {
+        figure.chart data-charging-chart {
+            svg viewBox=(format!("0 0 {w} {h}")) width="100%" role="img" aria-label="Planned charging power per slot, stacked by vehicle, against the site limit and the tariff" {
+                @for t in 0..slots {
+                    @let x = left + t as f64 * bar;
+                    @let base = plan.base_load_kw[t];
+                    rect.base x=(format!("{x:.1}")) y=(format!("{:.1}", y(base))) width=(format!("{:.1}", bar * 0.9)) height=(format!("{:.1}", (h - bottom) - y(base))) fill="#cbd5e0" {}
+                    @for (i, from, to) in &stacks[t] {
+                        @let v = &plan.vehicles[*i];
+                        rect data-vehicle=(v.session.vehicle.clone().unwrap_or_else(|| v.session.charger.clone())) x=(format!("{x:.1}")) y=(format!("{:.1}", y(*to))) width=(format!("{:.1}", bar * 0.9)) height=(format!("{:.1}", y(*from) - y(*to))) fill=(STACK_COLOURS[i % STACK_COLOURS.len()]) {}
+                    }
+                    @if t % 16 == 0 {
+                        @let q = crate::charging::inputs::quarter_of_day(plan.planned_at_ms + t as i64 * slot_ms, &tz);
+                        text x=(format!("{x:.1}")) y=(format!("{:.1}", h - 6.0)) font-size="11" { (format!("{:02}:{:02}", q / 4, q % 4 * 15)) }
+                    }
+                }
+                line.limit data-site-limit=(plan.site_limit_kw) x1=(left) x2=(w) y1=(format!("{:.1}", y(plan.site_limit_kw))) y2=(format!("{:.1}", y(plan.site_limit_kw))) stroke="#c53030" stroke-width="2" stroke-dasharray="6 4" {}
+                text x="2" y=(format!("{:.1}", y(plan.site_limit_kw) - 4.0)) font-size="11" fill="#c53030" { (format!("{:.0} kW", plan.site_limit_kw)) }
+                polyline.tariff points=(tariff.trim()) fill="none" stroke="#1a202c" stroke-width="1.5" {}
+            }
+            figcaption {
+                "Planned power per quarter-hour, stacked by vehicle on the other load (grey), under the site limit (red); the black line is the tariff (highest "
+                (format!("{price_hi:.2}")) " per kWh)."
+                ul.legend {
+                    @for (i, v) in plan.vehicles.iter().enumerate() {
+                        li { span.swatch style=(format!("background:{}", STACK_COLOURS[i % STACK_COLOURS.len()])) {} " " (v.session.vehicle.clone().unwrap_or_else(|| format!("{} (unknown vehicle)", v.session.charger))) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Chargers live, the plan as a chart against the site limit and tariff, and shortfalls.
+pub async fn charging(user: PanelUser, State(app): State<AppState>) -> Markup {
+    let snapshot = app.charging.snapshot();
+    let site = app.charging.site().await.ok();
+    let content = html! {
+        @if app.charging.config().chargers.is_empty() {
+            section.card.empty {
+                p.big { "No chargers are set up on this depot" }
+                p { "Add them under " code { "[[charging.chargers]]" } " in the depot's configuration (profile, address, bay); see docs/charging.md." }
+            }
+        } @else {
+            @if let Some(plan) = &snapshot.plan {
+                @for v in plan.vehicles.iter().filter(|v| !v.ready) {
+                    div.banner.warn role="alert" data-shortfall {
+                        strong { (v.session.vehicle.clone().unwrap_or_else(|| v.session.charger.clone())) }
+                        (format!(" will be {:.1} kWh short at departure ({})", v.shortfall_kwh, when(Some(v.session.departure_ms))))
+                    }
+                }
+                section.card.wide {
+                    h2 { "Plan for the next 24 hours" }
+                    p.muted {
+                        (format!("Site limit {:.0} kW", plan.site_limit_kw))
+                        @if let Some(s) = &site { @if let Some(by) = &s.updated_by { " (set by " (by) ")" } }
+                        (format!(" · cost {:.2} · {} of {} vehicles ready by departure", plan.cost, plan.vehicles.iter().filter(|v| v.ready).count(), plan.vehicles.len()))
+                        " · re-planned every poll"
+                    }
+                    (charging_chart(plan))
+                    ul.reasons { @for line in &plan.explanation { li { (line) } } }
+                }
+            } @else {
+                section.card { p { "No plan yet: the first poll of the chargers is under way." } }
+            }
+            section.card.wide {
+                h2 { "Chargers" }
+                table.data {
+                    thead { tr { th { "Charger" } th { "Bay" } th { "Model" } th { "Status" } th { "State" } th { "Power" } th { "Setpoint" } th { "Vehicle" } } }
+                    tbody {
+                        @for c in &snapshot.chargers {
+                            tr data-charger=(c.id) data-status=(c.status) {
+                                td { (c.id) }
+                                td { (c.bay.as_deref().unwrap_or("—")) }
+                                td { (c.model) }
+                                td {
+                                    span.pill class=(match c.status { "ok" => "ok", "faulted" => "crit", _ => "idle" }) { (c.status) }
+                                    @if let Some(e) = &c.error { br; span.muted { (e) } }
+                                }
+                                td { (c.reading.as_ref().and_then(|r| r.status.clone()).unwrap_or_else(|| "—".into())) }
+                                td { (c.reading.as_ref().map(|r| format!("{:.1} kW", r.power_w / 1000.0)).unwrap_or_else(|| "—".into())) }
+                                td { (c.setpoint_a.map(|a| format!("{a:.1} A")).unwrap_or_else(|| c.failsafe_a.map(|f| format!("failsafe {f:.0} A")).unwrap_or_else(|| "—".into()))) }
+                                td { (c.vehicle.as_deref().unwrap_or("—")) }
+                            }
+                        }
+                    }
+                }
+                @if let Some(m) = &snapshot.meter {
+                    p.muted { "Site meter (" (m.profile) ", " (m.address) "): " (m.status) @if let Some(p) = m.power_kw { (format!(", {p:.1} kW")) } }
+                }
+            }
+        }
+    };
+    layout(&app, &user, PageKind::Charging, content)
 }
