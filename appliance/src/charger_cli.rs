@@ -19,11 +19,9 @@ pub async fn read(args: ChargerReadArgs) -> anyhow::Result<u8> {
             profiles.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     })?;
-    let addr = tokio::net::lookup_host(&args.address)
+    let addr = crate::charging::resolve(&args.address)
         .await
-        .with_context(|| format!("cannot resolve {}", args.address))?
-        .next()
-        .with_context(|| format!("{} resolves to nothing", args.address))?;
+        .map_err(anyhow::Error::msg)?;
     let unit = args.unit_id.unwrap_or(profile.device.unit_id);
     let result = async {
         let mut device = Device::connect(addr, unit, Arc::clone(&profile), args.timeout).await?;

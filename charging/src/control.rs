@@ -69,6 +69,19 @@ pub enum Event {
     ChargerErrorCleared,
 }
 
+impl Event {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Event::Plugged => "plugged",
+            Event::Unplugged => "unplugged",
+            Event::ChargingStarted => "charging_started",
+            Event::ChargingStopped => "charging_stopped",
+            Event::ChargerError => "charger_error",
+            Event::ChargerErrorCleared => "charger_error_cleared",
+        }
+    }
+}
+
 /// Events between the last reading (None: first contact) and this one.
 pub fn events(before: Option<&Reading>, after: &Reading) -> Vec<Event> {
     let (plugged, charging, fault) =

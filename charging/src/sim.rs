@@ -175,14 +175,7 @@ impl SimDevice {
             0
         };
         let words = match reg.data_type {
-            DataType::Ascii => {
-                let mut bytes = format!("{value}").into_bytes();
-                bytes.resize(usize::from(reg.words()) * 2, 0);
-                bytes
-                    .chunks(2)
-                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                    .collect()
-            }
+            DataType::Ascii => ascii_words(reg, &format!("{value}")),
             _ => reg
                 .encode(value, exponent)
                 .unwrap_or_else(|_| vec![0; usize::from(reg.words())]),
@@ -201,33 +194,21 @@ impl SimDevice {
         }
     }
 
-    /// The raw value a numbered status register needs to read as `state`.
+    /// The raw value a status register needs to read as `state`.
     fn status_words(reg: &Register, state: IecState) -> Vec<u16> {
-        let text = match (state, reg.data_type) {
-            (IecState::B, DataType::Ascii) => "B2".to_owned(),
-            (IecState::C, DataType::Ascii) => "C2".to_owned(),
-            (s, DataType::Ascii) => s.to_string(),
+        match (state, reg.data_type) {
+            (IecState::B, DataType::Ascii) => ascii_words(reg, "B2"),
+            (IecState::C, DataType::Ascii) => ascii_words(reg, "C2"),
+            (s, DataType::Ascii) => ascii_words(reg, &s.to_string()),
             (s, _) => {
                 let raw = reg.states.as_ref().and_then(|m| {
                     m.iter()
                         .find(|(_, v)| IecState::parse(v) == Some(s))
                         .and_then(|(k, _)| k.parse::<u64>().ok())
                 });
-                let raw = raw.unwrap_or(0) << reg.shift.unwrap_or(0);
-                let n = usize::from(reg.words());
-                let mut words: Vec<u16> = (0..n).rev().map(|i| (raw >> (16 * i)) as u16).collect();
-                if reg.word_order == crate::profile::WordOrder::LowFirst {
-                    words.reverse();
-                }
-                return words;
+                raw_words(reg, raw.unwrap_or(0) << reg.shift.unwrap_or(0))
             }
-        };
-        let mut bytes = text.into_bytes();
-        bytes.resize(usize::from(reg.words()) * 2, 0);
-        bytes
-            .chunks(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .collect()
+        }
     }
 
     fn flag_words(reg: &Register, on: bool) -> Vec<u16> {
@@ -236,12 +217,7 @@ impl SimDevice {
         } else {
             0
         };
-        let n = usize::from(reg.words());
-        let mut words: Vec<u16> = (0..n).rev().map(|i| (raw >> (16 * i)) as u16).collect();
-        if reg.word_order == crate::profile::WordOrder::LowFirst {
-            words.reverse();
-        }
-        words
+        raw_words(reg, raw)
     }
 
     /// Lays the state out in the registers the profile names.
@@ -395,4 +371,24 @@ impl Service for Connection {
     fn call(&self, req: Self::Request) -> Self::Future {
         future::ready(self.0.handle(req.request))
     }
+}
+
+/// An integer's registers in the register's word order (no scaling: bit fields and codes).
+fn raw_words(reg: &Register, raw: u64) -> Vec<u16> {
+    let n = usize::from(reg.words());
+    let mut words: Vec<u16> = (0..n).rev().map(|i| (raw >> (16 * i)) as u16).collect();
+    if reg.word_order == crate::profile::WordOrder::LowFirst {
+        words.reverse();
+    }
+    words
+}
+
+/// Text padded with NULs to the register's length.
+fn ascii_words(reg: &Register, text: &str) -> Vec<u16> {
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.resize(usize::from(reg.words()) * 2, 0);
+    bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect()
 }

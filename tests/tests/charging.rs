@@ -386,42 +386,47 @@ fn the_depot_plans_under_its_limit_and_faults_chargers_that_time_out_fail_or_ans
     );
     // A technician's priority and departure are audited and re-planned with.
     let tech = depot.token("technician");
-    let r = http()
-        .put(depot.url("/api/v1/charging/vehicles/bus-1"))
-        .bearer_auth(&tech)
-        .json(&serde_json::json!({"priority": 3, "target_soc_percent": 90.0}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let r = http()
-        .put(depot.url("/api/v1/charging/vehicles/bus-1"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"priority": 3}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 403, "a viewer changes nothing");
-    let r = http()
-        .put(depot.url("/api/v1/charging/site"))
-        .bearer_auth(&tech)
-        .json(&serde_json::json!({"limit_kw": 50.0, "tariff": vec![0.2; 24]}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 403, "only admins set the site");
+    let put = |path: &str, token: &str, body: Value| {
+        http()
+            .put(depot.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .unwrap()
+            .status()
+    };
+    let bus = "/api/v1/charging/vehicles/bus-1";
+    let site = "/api/v1/charging/site";
+    let day = serde_json::json!({"limit_kw": 50.0, "tariff": vec![0.2; 24]});
+    assert_eq!(
+        put(
+            bus,
+            &tech,
+            serde_json::json!({"priority": 3, "target_soc_percent": 90.0})
+        ),
+        200
+    );
+    assert_eq!(
+        put(bus, &token, serde_json::json!({"priority": 3})),
+        403,
+        "a viewer changes nothing"
+    );
+    assert_eq!(
+        put(site, &tech, day.clone()),
+        403,
+        "only admins set the site"
+    );
     let admin = depot.token("admin");
-    let r = http()
-        .put(depot.url("/api/v1/charging/site"))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"limit_kw": 50.0, "tariff": vec![0.2; 7]}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 422, "a tariff of 7 prices is refused");
-    let r = http()
-        .put(depot.url("/api/v1/charging/site"))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"limit_kw": 50.0, "tariff": vec![0.2; 24]}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        put(
+            site,
+            &admin,
+            serde_json::json!({"limit_kw": 50.0, "tariff": vec![0.2; 7]})
+        ),
+        422,
+        "a tariff of 7 prices is refused"
+    );
+    assert_eq!(put(site, &admin, day), 200);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while get("/api/v1/charging/plan")["site_limit_kw"] != 50.0 {
         assert!(

@@ -262,13 +262,7 @@ impl Point {
                 self.error = None;
                 self.retry_at_ms = None;
                 for e in control::events(self.reading.as_ref(), &r) {
-                    self.event(
-                        now_ms,
-                        serde_json::to_value(&e)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
-                    );
+                    self.event(now_ms, e.as_str().to_owned());
                 }
                 self.reading = Some(r);
                 self.read_at_ms = Some(now_ms);
@@ -302,10 +296,12 @@ impl Point {
         self.profile.watts(amps) / 1000.0
     }
 
+    /// What the charger may draw now, kW. Unknown (never written, or after a fault) counts as
+    /// more than any setpoint, so writing a known one is a decrease: first, and never dropped
+    /// as unchanged.
     fn allowed_kw(&self) -> f64 {
-        // Unknown means it may be drawing anything up to its maximum.
-        let amps = self.setpoint_a.unwrap_or(self.profile.device.max_current_a);
-        self.profile.watts(amps) / 1000.0
+        self.setpoint_a
+            .map_or(f64::INFINITY, |a| self.profile.watts(a) / 1000.0)
     }
 
     fn status(&self) -> &'static str {
@@ -339,7 +335,8 @@ impl Plug {
     }
 }
 
-async fn resolve(address: &str) -> Result<SocketAddr, String> {
+/// `host:port` to the first address it resolves to.
+pub async fn resolve(address: &str) -> Result<SocketAddr, String> {
     tokio::net::lookup_host(address)
         .await
         .map_err(|e| format!("cannot resolve {address}: {e}"))?
@@ -649,29 +646,15 @@ impl Charging {
             if p.setpoint_a == Some(amps) {
                 continue;
             }
-            changes.push((
-                Change {
-                    key: i,
-                    from_kw: p.allowed_kw(),
-                    to_kw: p.profile.watts(amps) / 1000.0,
-                },
-                amps,
-            ));
-        }
-        let amps_of: HashMap<usize, f64> = changes.iter().map(|(c, a)| (c.key, *a)).collect();
-        let mut forced = Vec::new();
-        let ordered = control::order(changes.into_iter().map(|(c, _)| c).collect());
-        // Writes whose allowed power is unchanged (an unknown setpoint resolving to the
-        // maximum) are dropped by `order`; they still need writing, after the others.
-        for key in amps_of.keys() {
-            if !ordered.iter().any(|c| c.key == *key) {
-                forced.push(*key);
-            }
+            changes.push(Change {
+                key: (i, amps),
+                from_kw: p.allowed_kw(),
+                to_kw: p.profile.watts(amps) / 1000.0,
+            });
         }
         let retry_max = self.config.retry_max;
-        for key in ordered.iter().map(|c| c.key).chain(forced) {
-            let amps = amps_of[&key];
-            let p = &mut points[key];
+        for Change { key: (i, amps), .. } in control::order(changes) {
+            let p = &mut points[i];
             let Some(device) = p.device.as_mut() else {
                 continue;
             };
