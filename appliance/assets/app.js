@@ -78,6 +78,19 @@
         }
         return body;
       }
+      case "charging-vehicle": {
+        // datetime-local is the browser's local time; the API takes Unix ms.
+        const departure = text("departure");
+        return {
+          departure_ms: departure ? new Date(departure).getTime() : null,
+          target_soc_percent: text("target_soc_percent") ? parseFloat(text("target_soc_percent")) : null,
+          priority: parseInt(text("priority") || "0", 10),
+        };
+      }
+      case "charging-site": return {
+        limit_kw: parseFloat(text("limit_kw")),
+        tariff: text("tariff").split(/[\s,;]+/).filter(Boolean).map(Number),
+      };
       default: return Object.fromEntries(f.entries());
     }
   }
@@ -182,7 +195,41 @@
     }
   }
 
+  // Departures are shown in the browser's local time.
+  const localInput = (ms) => {
+    const d = new Date(ms);
+    const p = (n) => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`;
+  };
+  const fillTimes = () => document.querySelectorAll("input[type=datetime-local][data-ms]").forEach((el) => {
+    if (!el.value) el.value = localInput(parseInt(el.dataset.ms, 10));
+  });
+
+  // Sections marked data-live-section are fetched again and swapped in place; one holding a
+  // field that is focused or edited but not saved is left alone, so nothing typed is lost.
+  document.addEventListener("input", (e) => { if (e.target.form || e.target.getAttribute("form")) e.target.dataset.dirty = "1"; });
+  let fetching = null;
+  function refreshSections() {
+    if (fetching || !document.querySelector("[data-live-section]")) return;
+    fetching = window.setTimeout(async () => {
+      try {
+        const response = await fetch(window.location.href, { credentials: "same-origin" });
+        if (response.ok) {
+          const next = new DOMParser().parseFromString(await response.text(), "text/html");
+          document.querySelectorAll("[data-live-section]").forEach((el) => {
+            if (el.contains(document.activeElement) || el.querySelector("[data-dirty]")) return;
+            const fresh = next.querySelector(`[data-live-section="${CSS.escape(el.dataset.liveSection)}"]`);
+            if (fresh) el.replaceWith(document.importNode(fresh, true));
+          });
+          fillTimes();
+        }
+      } catch (_) { /* offline for a moment: the next event tries again */ }
+      fetching = null;
+    }, 1000);
+  }
+
   function connect() {
+    fillTimes();
     const indicator = document.querySelector("[data-live-indicator]");
     if (!indicator || !window.EventSource) return;
     const source = new EventSource("/events");
@@ -203,6 +250,8 @@
       if (!document.querySelector("[data-disk]") || redraw) return;
       redraw = window.setTimeout(() => window.location.reload(), 2000);
     });
+    // Chargers and the plan change every poll.
+    source.addEventListener("charging", refreshSections);
     // Other sections register their own handlers on this hook.
     window.atlasmesh = { source };
   }

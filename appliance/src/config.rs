@@ -115,6 +115,9 @@ pub struct ChargingConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiles_dir: Option<PathBuf>,
     pub chargers: Vec<ChargerConfig>,
+    /// Feeders or phases inside the site with their own limit; chargers name theirs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub circuits: Vec<CircuitConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meter: Option<MeterConfig>,
 }
@@ -133,6 +136,7 @@ impl Default for ChargingConfig {
             ota_reserve_kwh: 2.0,
             profiles_dir: None,
             chargers: Vec::new(),
+            circuits: Vec::new(),
             meter: None,
         }
     }
@@ -153,6 +157,18 @@ pub struct ChargerConfig {
     /// The bay it serves: the vehicle docked there is the one it charges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bay: Option<String>,
+    /// The circuit (`[[charging.circuits]]`) it is wired to, when that has its own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<String>,
+}
+
+/// A feeder, breaker or phase inside the site whose limit is below the grid connection's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitConfig {
+    pub name: String,
+    /// Most power the chargers on it may draw together, kW.
+    pub limit_kw: f64,
 }
 
 /// The meter at the grid connection.
@@ -204,12 +220,38 @@ impl ChargingConfig {
                 return Err(invalid(key, "must be 0 or more".into()));
             }
         }
+        let mut circuits = std::collections::HashSet::new();
+        for c in &self.circuits {
+            if c.name.is_empty() || !circuits.insert(c.name.as_str()) {
+                return Err(invalid(
+                    "charging.circuits",
+                    format!("circuit name {:?} is empty or used twice", c.name),
+                ));
+            }
+            if !(c.limit_kw > 0.0 && c.limit_kw.is_finite()) {
+                return Err(invalid(
+                    "charging.circuits",
+                    format!("circuit {:?}: limit_kw must be above zero", c.name),
+                ));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for c in &self.chargers {
             if c.id.is_empty() || !seen.insert(c.id.as_str()) {
                 return Err(invalid(
                     "charging.chargers",
                     format!("charger id {:?} is empty or used twice", c.id),
+                ));
+            }
+            if let Some(name) = &c.circuit
+                && !circuits.contains(name.as_str())
+            {
+                return Err(invalid(
+                    "charging.chargers",
+                    format!(
+                        "charger {:?}: no circuit {name:?} in charging.circuits",
+                        c.id
+                    ),
                 ));
             }
         }
@@ -775,5 +817,37 @@ mod tests {
         let printed = config.to_toml();
         let again = load(&printed, &[]).unwrap();
         assert_eq!(config, again);
+    }
+
+    #[test]
+    fn chargers_name_circuits_that_exist() {
+        let base = "[[charging.circuits]]\nname = \"feeder-a\"\nlimit_kw = 44\n\
+                    [[charging.chargers]]\nid = \"cp-1\"\nprofile = \"alfen-ng9xx\"\n\
+                    address = \"10.0.0.5:502\"\n";
+        let config = load(&format!("{base}circuit = \"feeder-a\"\n"), &[]).unwrap();
+        assert_eq!(config.charging.circuits[0].limit_kw, 44.0);
+        assert_eq!(
+            config.charging.chargers[0].circuit.as_deref(),
+            Some("feeder-a")
+        );
+        let again = load(&config.to_toml(), &[]).unwrap();
+        assert_eq!(config, again);
+        let err = load(&format!("{base}circuit = \"feeder-b\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("charging.chargers") && err.contains("feeder-b"),
+            "{err}"
+        );
+        let err = load(
+            "[[charging.circuits]]\nname = \"feeder-a\"\nlimit_kw = 0\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("charging.circuits") && err.contains("limit_kw"),
+            "{err}"
+        );
     }
 }

@@ -360,6 +360,7 @@ pub async fn start_chargers(
             address,
             unit_id: None,
             bay: Some(format!("bay-{}", i + 1)),
+            circuit: None,
         });
     }
     tracing::info!(chargers = n, "simulated Modbus TCP chargers started");

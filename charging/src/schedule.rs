@@ -685,11 +685,35 @@ pub fn finish(
                 need.max_kw
             )
         } else {
+            let limit = match need.circuit {
+                Some(c) => format!("the limit of circuit {}", problem.circuits[c].name),
+                None => "the site limit".to_owned(),
+            };
             format!(
-                "{} will be {:.1} kWh short: the site limit is shared with vehicles that leave earlier or rank higher",
+                "{} will be {:.1} kWh short: {limit} is shared with vehicles that leave earlier or rank higher",
                 need.vehicle, outcome.shortfall_kwh
             )
         });
+    }
+    for (c, circuit) in problem.circuits.iter().enumerate() {
+        let full = (0..problem.slots())
+            .filter(|&t| {
+                let used: f64 = problem
+                    .vehicles
+                    .iter()
+                    .zip(&power)
+                    .filter(|(n, _)| n.circuit == Some(c))
+                    .map(|(_, row)| row[t])
+                    .sum();
+                used > 0.0 && used + 0.01 >= circuit.limit_kw
+            })
+            .count();
+        if full > 0 {
+            explanation.push(format!(
+                "circuit {} ({:.1} kW) is at its limit in {full} slots",
+                circuit.name, circuit.limit_kw
+            ));
+        }
     }
     let ready = outcomes.iter().filter(|o| o.ready).count();
     explanation.insert(

@@ -552,7 +552,8 @@ async fn the_disks_page_shows_verdicts_reasons_trends_and_the_staging_hold() {
 
 /// `atlasmesh depot --simulate-fleet 10 --chargers 10`: simulated Modbus chargers at the
 /// bays, vehicles with morning departures; the Charging page shows the night's plan as a
-/// chart, stacked by vehicle under the site limit, and every charger answering.
+/// chart, stacked by vehicle under the site limit, and every charger answering, updating
+/// without reloads. A technician's priority and an admin's site limit are set from its forms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
     let depot = simulated_depot(&["--simulate-fleet", "10", "--chargers", "10"]).await;
@@ -561,7 +562,7 @@ async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
     let result = async {
         sign_in(&client, &depot, &password).await?;
         client.goto(&depot.url("/charging")).await?;
-        // The plan appears after the first polls; the page renders it on load.
+        // The plan appears after the first polls; the open page picks it up by itself.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let bars = client
@@ -587,7 +588,6 @@ async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
                 );
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            client.refresh().await?;
         }
         let limit = client
             .find(Locator::Css("[data-charging-chart] line[data-site-limit]"))
@@ -601,6 +601,62 @@ async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
         assert!(legend.contains("sim-0001"), "legend: {legend}");
         let png = client.screenshot().await?;
         std::fs::write(artifacts_dir().join("panel-charging.png"), &png).expect("screenshot");
+
+        let table = client
+            .find(Locator::Css("[data-charging-vehicles]"))
+            .await?;
+        client
+            .execute("arguments[0].scrollIntoView()", vec![serde_json::to_value(&table)?])
+            .await?;
+        let table = table.screenshot().await?;
+        std::fs::write(artifacts_dir().join("panel-charging-vehicles.png"), &table)
+            .expect("screenshot");
+        // Priority 7 for the first vehicle listed, from its row's form.
+        let row = client
+            .find(Locator::Css("tr[data-charging-vehicle]"))
+            .await?;
+        let vehicle = row.attr("data-charging-vehicle").await?.expect("vehicle id");
+        let departure = row
+            .find(Locator::Css("input[name=departure]"))
+            .await?
+            .prop("value")
+            .await?
+            .unwrap_or_default();
+        assert!(departure.len() == 16, "departure filled in local time: {departure:?}");
+        let priority = row.find(Locator::Css("input[name=priority]")).await?;
+        priority.clear().await?;
+        priority.send_keys("7").await?;
+        row.find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let selector = format!("tr[data-charging-vehicle=\"{vehicle}\"] input[name=priority][value=\"7\"]");
+        client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css(&selector))
+            .await?;
+
+        // A site limit of 120 kW from the admin's form reaches the chart.
+        let form = client
+            .find(Locator::Css("form[data-json=charging-site]"))
+            .await?;
+        let limit = form.find(Locator::Css("input[name=limit_kw]")).await?;
+        limit.clear().await?;
+        limit.send_keys("120").await?;
+        form.find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        client
+            .wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::Css(
+                "[data-charging-chart] line[data-site-limit=\"120\"]",
+            ))
+            .await?;
+        let site = text_of(&client, "[data-charging-site]").await;
+        assert!(site.contains("120 kW") && site.contains("set by"), "{site}");
         Ok::<_, fantoccini::error::CmdError>(())
     }
     .await;

@@ -278,8 +278,19 @@ fn the_depot_plans_under_its_limit_and_faults_chargers_that_time_out_fail_or_ans
     let down = format!("127.0.0.1:{}", atlasmesh_tests::free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("depot.toml");
-    let mut toml = String::from(
-        "[charging]\npoll_interval = \"1s\"\nrequest_timeout = \"1s\"\nsite_limit_kw = 20.0\n",
+    // Vehicles leave twelve hours from now (the depot runs on UTC here), whatever the hour
+    // the suite runs at: enough for the energy, and the deadline inside the 24-hour plan.
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let leave = (now_s / 60 + 12 * 60) % (24 * 60);
+    let mut toml = format!(
+        "[charging]\npoll_interval = \"1s\"\nrequest_timeout = \"1s\"\nsite_limit_kw = 20.0\n\
+         departure = \"{:02}:{:02}\"\n\
+         [[charging.circuits]]\nname = \"feeder-a\"\nlimit_kw = 11.0\n",
+        leave / 60,
+        leave % 60
     );
     let points = [
         ("cp-1", "alfen-ng9xx", good[0].address()),
@@ -293,10 +304,15 @@ fn the_depot_plans_under_its_limit_and_faults_chargers_that_time_out_fail_or_ans
             "[[charging.chargers]]\nid = \"{id}\"\nprofile = \"{profile}\"\naddress = \"{address}\"\nbay = \"bay-{}\"\n",
             &id[3..]
         ));
+        // The two that work share a feeder below the site limit.
+        if *id == "cp-1" || *id == "cp-2" {
+            toml.push_str("circuit = \"feeder-a\"\n");
+        }
     }
     std::fs::write(&config, toml).unwrap();
     let depot = Server::start(Options {
         args: vec!["--config".into(), config.display().to_string()],
+        env: vec![("TZ".into(), "UTC".into())],
         ..Options::default()
     })
     .unwrap();
@@ -340,14 +356,21 @@ fn the_depot_plans_under_its_limit_and_faults_chargers_that_time_out_fail_or_ans
         ["exception", "malformed", "unreachable"],
         "{chargers:#}"
     );
-    // Two unknown vehicles of 30 kWh under a 20 kW site: every slot within the limit.
+    // Two unknown vehicles of 30 kWh on an 11 kW feeder under a 20 kW site: every slot
+    // within both limits.
     let limit = plan["site_limit_kw"].as_f64().unwrap();
+    assert_eq!(
+        plan["circuits"],
+        serde_json::json!([{"name": "feeder-a", "limit_kw": 11.0}]),
+        "{plan:#}"
+    );
     let slots = plan["price"].as_array().unwrap().len();
     for t in 0..slots {
         let total: f64 = plan["vehicles"]
             .as_array()
             .unwrap()
             .iter()
+            .inspect(|v| assert_eq!(v["circuit"], "feeder-a", "{v:#}"))
             .map(|v| v["power_kw"][t].as_f64().unwrap())
             .sum();
         let base = plan["base_load_kw"][t].as_f64().unwrap();
@@ -355,6 +378,7 @@ fn the_depot_plans_under_its_limit_and_faults_chargers_that_time_out_fail_or_ans
             total + base <= limit + 1e-6,
             "slot {t}: {total} + {base} > {limit}"
         );
+        assert!(total <= 11.0 + 1e-6, "slot {t}: {total} kW on feeder-a");
     }
     assert!(
         plan["vehicles"]

@@ -15,6 +15,8 @@ pub const SLOT_MS: i64 = 15 * 60_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Session {
     pub charger: String,
+    /// Index of the charger's circuit in the problem's circuits.
+    pub circuit: Option<usize>,
     /// The vehicle docked at the charger's bay, when the depot knows it.
     pub vehicle: Option<String>,
     pub soc_percent: Option<f64>,
@@ -117,7 +119,7 @@ pub fn problem(
         .iter()
         .map(|s| Need {
             vehicle: s.name(),
-            circuit: None,
+            circuit: s.circuit,
             energy_kwh: s.need_kwh(),
             efficiency,
             from_slot: 0,
@@ -206,6 +208,7 @@ mod tests {
         let now = 1_795_471_800_000;
         let s = Session {
             charger: "cp-1".into(),
+            circuit: None,
             vehicle: Some("bus-7".into()),
             soc_percent: Some(30.0),
             battery_kwh: Some(400.0),

@@ -122,6 +122,8 @@ pub struct PlanView {
     pub price: Vec<f64>,
     pub method: Method,
     pub cost: f64,
+    /// Circuits with their own limit, less what faulted chargers on them draw, kW.
+    pub circuits: Vec<schedule::Circuit>,
     pub vehicles: Vec<PlannedVehicle>,
     pub explanation: Vec<String>,
 }
@@ -130,6 +132,7 @@ pub struct PlanView {
 pub struct PlannedVehicle {
     #[serde(flatten)]
     pub session: SessionView,
+    pub circuit: Option<String>,
     pub power_kw: Vec<f64>,
     pub energy_kwh: f64,
     pub ready: bool,
@@ -165,6 +168,7 @@ pub struct Charging {
 struct Point {
     id: String,
     bay: Option<String>,
+    circuit: Option<String>,
     profile_name: String,
     profile: Arc<Profile>,
     address: String,
@@ -195,6 +199,7 @@ impl Point {
         Point {
             id: id.to_owned(),
             bay,
+            circuit: None,
             profile_name: name.to_owned(),
             unit_id: unit.unwrap_or(profile.device.unit_id),
             profile,
@@ -317,6 +322,7 @@ impl Point {
 struct Plug {
     id: String,
     bay: Option<String>,
+    circuit: Option<String>,
     profile: Arc<Profile>,
     /// Answering, with a vehicle connected.
     plugged: bool,
@@ -328,6 +334,7 @@ impl Plug {
         Plug {
             id: p.id.clone(),
             bay: p.bay.clone(),
+            circuit: p.circuit.clone(),
             profile: p.profile.clone(),
             plugged: p.device.is_some() && p.reading.as_ref().is_some_and(|r| r.plugged),
             uncontrolled_kw: p.uncontrolled_kw(),
@@ -512,6 +519,10 @@ impl Charging {
             .map(|s| (s.vehicle_id.clone(), s))
             .collect();
         let default_departure = parse_hh_mm(&self.config.departure).unwrap_or(390);
+        let circuit_of = |p: &Plug| {
+            let name = p.circuit.as_deref()?;
+            self.config.circuits.iter().position(|c| c.name == name)
+        };
         let mut sessions = Vec::new();
         let mut on_charger = HashMap::new();
         for p in points.iter().filter(|p| p.plugged) {
@@ -532,6 +543,7 @@ impl Charging {
             let device = &p.profile.device;
             let session = Session {
                 charger: p.id.clone(),
+                circuit: circuit_of(p),
                 vehicle: vehicle.map(|v| v.id.clone()),
                 soc_percent: vehicle.and_then(|v| v.soc_percent),
                 battery_kwh: vehicle.and_then(|v| v.battery_kwh),
@@ -558,7 +570,7 @@ impl Charging {
             .into_iter()
             .map(|b| b + uncontrolled)
             .collect();
-        let problem = inputs::problem(
+        let mut problem = inputs::problem(
             now_ms,
             &self.tz,
             site.limit_kw,
@@ -567,6 +579,23 @@ impl Charging {
             self.config.efficiency,
             &sessions,
         );
+        // A faulted charger draws its failsafe current from its circuit too.
+        problem.circuits = self
+            .config
+            .circuits
+            .iter()
+            .map(|c| {
+                let held: f64 = points
+                    .iter()
+                    .filter(|p| p.circuit.as_deref() == Some(c.name.as_str()))
+                    .map(|p| p.uncontrolled_kw)
+                    .sum();
+                schedule::Circuit {
+                    name: c.name.clone(),
+                    limit_kw: (c.limit_kw - held).max(0.0),
+                }
+            })
+            .collect();
         let plan = schedule::plan(&problem)?;
         let mut explanation = plan.explanation.clone();
         if uncontrolled > 0.0 {
@@ -595,6 +624,7 @@ impl Charging {
                     reserve_kwh: s.reserve_kwh,
                     need_kwh: s.need_kwh(),
                 },
+                circuit: s.circuit.map(|c| problem.circuits[c].name.clone()),
                 power_kw: power
                     .iter()
                     .map(|p| (p * 1000.0).round() / 1000.0)
@@ -613,6 +643,7 @@ impl Charging {
                 price: problem.price.clone(),
                 method: plan.method,
                 cost: plan.cost,
+                circuits: problem.circuits.clone(),
                 vehicles,
                 explanation,
             },
@@ -744,14 +775,16 @@ fn point_for(
     if profile.device.kind != Kind::Charger {
         bail!("charger {}: profile {} is a meter's", c.id, c.profile);
     }
-    Ok(Point::new(
+    let mut point = Point::new(
         &c.id,
         c.bay.clone(),
         &c.profile,
         profile.clone(),
         &c.address,
         c.unit_id,
-    ))
+    );
+    point.circuit = c.circuit.clone();
+    Ok(point)
 }
 
 fn meter_point(

@@ -1148,13 +1148,25 @@ fn charging_chart(plan: &crate::charging::PlanView) -> Markup {
 pub async fn charging(user: PanelUser, State(app): State<AppState>) -> Markup {
     let snapshot = app.charging.snapshot();
     let site = app.charging.site().await.ok();
+    let settings = app
+        .store
+        .read(crate::charging::db::vehicle_settings)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "loading charging settings for the panel");
+            Vec::new()
+        });
+    let technician = user.role >= Role::Technician;
+    let admin = user.role >= Role::Admin;
     let content = html! {
+        div.banner.crit hidden data-api-error role="alert" {}
         @if app.charging.config().chargers.is_empty() {
             section.card.empty {
                 p.big { "No chargers are set up on this depot" }
                 p { "Add them under " code { "[[charging.chargers]]" } " in the depot's configuration (profile, address, bay); see docs/charging.md." }
             }
         } @else {
+            div data-live-section="plan" {
             @if let Some(plan) = &snapshot.plan {
                 @for v in plan.vehicles.iter().filter(|v| !v.ready) {
                     div.banner.warn role="alert" data-shortfall {
@@ -1176,6 +1188,9 @@ pub async fn charging(user: PanelUser, State(app): State<AppState>) -> Markup {
             } @else {
                 section.card { p { "No plan yet: the first poll of the chargers is under way." } }
             }
+            }
+            div data-live-section="vehicles" { (charging_vehicles(snapshot.plan.as_ref(), &settings, app.charging.config().target_soc_percent, technician)) }
+            div data-live-section="chargers" {
             section.card.wide {
                 h2 { "Chargers" }
                 table.data {
@@ -1202,7 +1217,129 @@ pub async fn charging(user: PanelUser, State(app): State<AppState>) -> Markup {
                     p.muted { "Site meter (" (m.profile) ", " (m.address) "): " (m.status) @if let Some(p) = m.power_kw { (format!(", {p:.1} kW")) } }
                 }
             }
+            }
+            @if let Some(site) = &site { (charging_site(site, admin)) }
         }
     };
     layout(&app, &user, PageKind::Charging, content)
+}
+
+/// Vehicles at the chargers (and any with settings saved ahead): what the plan gives each,
+/// and for technicians a form per vehicle for departure, target and priority.
+fn charging_vehicles(
+    plan: Option<&crate::charging::PlanView>,
+    settings: &[crate::charging::db::VehicleSettings],
+    default_target: f64,
+    technician: bool,
+) -> Markup {
+    let planned: Vec<&crate::charging::PlannedVehicle> = plan
+        .map(|p| {
+            p.vehicles
+                .iter()
+                .filter(|v| v.session.vehicle.is_some())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ahead: Vec<&crate::charging::db::VehicleSettings> = settings
+        .iter()
+        .filter(|s| {
+            !planned
+                .iter()
+                .any(|v| v.session.vehicle.as_deref() == Some(s.vehicle_id.as_str()))
+        })
+        .collect();
+    let saved = |id: &str| settings.iter().find(|s| s.vehicle_id == id);
+    // One row's settings cells: a form for technicians, the values otherwise.
+    let controls = |id: &str, departure: Option<i64>, target: Option<f64>, priority: u8| {
+        let form = format!("charging-{id}");
+        html! {
+            @if technician {
+                td { input type="datetime-local" name="departure" form=(form) data-ms=[departure] aria-label=(format!("Departure of {id}")) {} }
+                td { input type="number" name="target_soc_percent" form=(form) min="0" max="100" step="1" value=[target.map(|t| format!("{t:.0}"))] placeholder=(format!("{default_target:.0}")) title="Empty: the depot default" aria-label=(format!("Target state of charge of {id}")) {} }
+                td { input type="number" name="priority" form=(form) min="0" max="9" step="1" value=(priority) aria-label=(format!("Priority of {id}")) {} }
+                td { form.inline id=(form) data-api=(format!("PUT /api/v1/charging/vehicles/{id}")) data-json="charging-vehicle" { button type="submit" { "Save" } } }
+            } @else {
+                td { (when(departure)) }
+                td { (target.map(|t| format!("{t:.0} %")).unwrap_or_else(|| "default".into())) }
+                td { (priority) }
+            }
+        }
+    };
+    html! {
+        @if !planned.is_empty() || !ahead.is_empty() {
+            section.card.wide data-charging-vehicles {
+                h2 { "Vehicles" }
+                p.muted {
+                    "Departure, target and priority as set here win over what a vehicle reports; an empty departure or target means the vehicle's own or the depot default. Priority 0 is normal, 9 charges first when the site cannot serve everyone."
+                }
+                table.data {
+                    thead { tr {
+                        th { "Vehicle" } th { "Charger" } th { "State of charge" } th { "Needs" } th { "Planned" } th { "Ready" }
+                        th { "Departure" } th { "Target %" } th { "Priority" } @if technician { th {} }
+                    } }
+                    tbody {
+                        @for v in &planned {
+                            @let id = v.session.vehicle.clone().unwrap_or_default();
+                            @let set = saved(&id);
+                            tr data-charging-vehicle=(id) {
+                                td { code { (id) } }
+                                td { (v.session.charger) @if let Some(c) = &v.circuit { span.muted { " (" (c) ")" } } }
+                                td { (v.session.soc_percent.map(|s| format!("{s:.0} %")).unwrap_or_else(|| "—".into())) }
+                                td { (format!("{:.1} kWh", v.session.need_kwh)) }
+                                td { (format!("{:.1} kWh", v.energy_kwh)) }
+                                td { @if v.ready { span.pill.ok { "ready" } } @else { span.pill.crit { (format!("{:.1} kWh short", v.shortfall_kwh)) } } }
+                                (controls(&id, set.and_then(|s| s.departure_ms).or(Some(v.session.departure_ms)), set.and_then(|s| s.target_soc_percent), set.map_or(0, |s| s.priority)))
+                            }
+                        }
+                        @for s in &ahead {
+                            tr data-charging-vehicle=(s.vehicle_id) {
+                                td { code { (s.vehicle_id) } }
+                                td.muted colspan="5" { "not at a charger" }
+                                (controls(&s.vehicle_id, s.departure_ms, s.target_soc_percent, s.priority))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The grid limit and tariff; admins change them here.
+fn charging_site(site: &crate::charging::db::Site, admin: bool) -> Markup {
+    // Hourly when every hour's quarters agree (the usual tariff), else all 96 quarter-hours.
+    let hourly = site.tariff.chunks(4).all(|q| q.iter().all(|p| *p == q[0]));
+    let prices: Vec<String> = if hourly {
+        site.tariff
+            .iter()
+            .step_by(4)
+            .map(|p| format!("{p}"))
+            .collect()
+    } else {
+        site.tariff.iter().map(|p| format!("{p}")).collect()
+    };
+    html! {
+        section.card.wide data-charging-site {
+            h2 { "Site" }
+            p.muted {
+                (format!("Grid connection limit {:.0} kW", site.limit_kw))
+                @match (&site.updated_by, site.updated_at) {
+                    (Some(by), at) => { " · set by " (by) " " (when(at)) }
+                    _ => { " · the configured default" }
+                }
+            }
+            @if admin {
+                form.stack data-api="PUT /api/v1/charging/site" data-json="charging-site" {
+                    label { "Limit, kW " input type="number" name="limit_kw" min="1" max="100000" step="any" required value=(site.limit_kw) {} }
+                    label {
+                        (if hourly { "Tariff, price per kWh for each hour from local midnight (24 values)" } else { "Tariff, price per kWh for each quarter-hour from local midnight (96 values)" })
+                        textarea name="tariff" rows="3" required { (prices.join(" ")) }
+                    }
+                    button type="submit" { "Save site" }
+                }
+            } @else {
+                p { (if hourly { "Tariff per hour" } else { "Tariff per quarter-hour" }) " from local midnight: " code { (prices.join(" ")) } }
+            }
+        }
+    }
 }
