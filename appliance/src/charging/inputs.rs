@@ -2,6 +2,7 @@
 //! technicians set, the tariff, the measured base load) to the scheduler's [`Problem`]. Pure:
 //! the time zone and "now" come in as arguments.
 
+use atlasmesh_charging::driver::Reading;
 use atlasmesh_charging::schedule::{Need, Problem};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
@@ -31,6 +32,22 @@ pub struct Session {
     pub reserve_kwh: f64,
     /// Need when the vehicle's state of charge is unknown, kWh.
     pub unknown_need_kwh: f64,
+    /// Energy already put into the battery this session, kWh: what an unknown vehicle's
+    /// assumed need is reduced by, so it is not charged for the full guess on every re-plan.
+    pub delivered_kwh: f64,
+}
+
+/// The energy register at the start of the session on a charger, Wh: taken when the vehicle
+/// plugs in (or is first seen plugged), kept while it stays, and taken again if the register
+/// goes backwards (chargers whose register counts per session reset it at plug-in).
+pub fn session_start(start: Option<f64>, was_plugged: bool, now: &Reading) -> Option<f64> {
+    if !now.plugged {
+        return None;
+    }
+    match (start, now.energy_wh) {
+        (Some(s), Some(e)) if was_plugged && e >= s => Some(s),
+        (_, e) => e,
+    }
 }
 
 /// What the plan says about one session, beside its power.
@@ -54,7 +71,7 @@ impl Session {
             (Some(soc), Some(battery)) => {
                 ((self.target_soc_percent - soc).max(0.0) / 100.0) * battery
             }
-            _ => self.unknown_need_kwh,
+            _ => (self.unknown_need_kwh - self.delivered_kwh).max(0.0),
         };
         charge + self.reserve_kwh
     }
@@ -219,6 +236,7 @@ mod tests {
             min_kw: 4.1,
             reserve_kwh: 2.0,
             unknown_need_kwh: 30.0,
+            delivered_kwh: 12.0,
         };
         let p = problem(
             now,
@@ -242,8 +260,42 @@ mod tests {
             soc_percent: None,
             ..s
         };
-        assert_eq!(unknown.need_kwh(), 32.0);
+        // 30 kWh assumed, 12 already in, 2 kept for the OTA install.
+        assert_eq!(unknown.need_kwh(), 20.0);
         assert_eq!(unknown.name(), "cp-1 (unknown vehicle)");
+        let full = Session {
+            delivered_kwh: 45.0,
+            ..unknown
+        };
+        assert_eq!(full.need_kwh(), 2.0, "never below the reserve");
+    }
+
+    #[test]
+    fn a_session_counts_energy_from_plug_in() {
+        let reading = |plugged: bool, wh: f64| Reading {
+            state: None,
+            status: None,
+            plugged,
+            charging: plugged,
+            fault: false,
+            power_w: 0.0,
+            energy_wh: Some(wh),
+        };
+        // A lifetime register: the start is where it stood at plug-in.
+        let start = session_start(None, false, &reading(true, 50_000.0));
+        assert_eq!(start, Some(50_000.0));
+        assert_eq!(session_start(start, true, &reading(true, 61_000.0)), start);
+        // Unplugged: no session; the next plug-in starts again.
+        assert_eq!(session_start(start, true, &reading(false, 61_000.0)), None);
+        assert_eq!(
+            session_start(start, false, &reading(true, 61_000.0)),
+            Some(61_000.0)
+        );
+        // A per-session register reset after the start was taken.
+        assert_eq!(
+            session_start(Some(9_000.0), true, &reading(true, 200.0)),
+            Some(200.0)
+        );
     }
 
     #[test]

@@ -184,6 +184,8 @@ struct Point {
     written_at: Instant,
     life_at: Instant,
     events: VecDeque<EventView>,
+    /// The energy register when the vehicle on it plugged in (or when first seen plugged), Wh.
+    session_start_wh: Option<f64>,
 }
 
 impl Point {
@@ -215,6 +217,7 @@ impl Point {
             written_at: now,
             life_at: now,
             events: VecDeque::new(),
+            session_start_wh: None,
         }
     }
 
@@ -269,6 +272,9 @@ impl Point {
                 for e in control::events(self.reading.as_ref(), &r) {
                     self.event(now_ms, e.as_str().to_owned());
                 }
+                let was_plugged = self.reading.as_ref().is_some_and(|p| p.plugged);
+                self.session_start_wh =
+                    inputs::session_start(self.session_start_wh, was_plugged, &r);
                 self.reading = Some(r);
                 self.read_at_ms = Some(now_ms);
             }
@@ -321,6 +327,8 @@ impl Point {
 /// What planning needs of a point (the point itself holds a connection that is not `Sync`).
 struct Plug {
     id: String,
+    /// Energy delivered since the vehicle plugged in, kWh at the charger.
+    delivered_kwh: f64,
     bay: Option<String>,
     circuit: Option<String>,
     profile: Arc<Profile>,
@@ -333,6 +341,13 @@ impl Plug {
     fn of(p: &Point) -> Plug {
         Plug {
             id: p.id.clone(),
+            delivered_kwh: match (
+                p.session_start_wh,
+                p.reading.as_ref().and_then(|r| r.energy_wh),
+            ) {
+                (Some(start), Some(now)) => (now - start).max(0.0) / 1000.0,
+                _ => 0.0,
+            },
             bay: p.bay.clone(),
             circuit: p.circuit.clone(),
             profile: p.profile.clone(),
@@ -560,6 +575,7 @@ impl Charging {
                     0.0
                 },
                 unknown_need_kwh: self.config.unknown_vehicle_kwh,
+                delivered_kwh: p.delivered_kwh * self.config.efficiency,
             };
             on_charger.insert(p.id.clone(), session.name());
             sessions.push(session);
