@@ -51,6 +51,8 @@ pub fn forget_initial_password(data_dir: &Path) {
 pub struct Simulation {
     pub vehicles: usize,
     pub fleet: crate::cli::FleetArgs,
+    /// The simulated chargers' bays, once they are started.
+    pub bays: Option<atlasmesh_vehicle_link::sim::BayChargers>,
 }
 
 /// Binds the configured address and runs the depot until `shutdown`.
@@ -191,13 +193,19 @@ async fn run_locked(
     .await
     .context("starting disk health")?;
     let mut charging_config = config.charging.clone();
-    if let Some(sim) = &simulation
+    if let Some(sim) = &mut simulation
         && sim.fleet.chargers > 0
         && charging_config.chargers.is_empty()
     {
-        charging_config.chargers =
-            crate::sim_cli::start_chargers(sim.fleet.chargers, sim.fleet.seed, shutdown.clone())
-                .await?;
+        let (chargers, bays) = crate::sim_cli::start_chargers(
+            sim.fleet.chargers,
+            sim.vehicles,
+            sim.fleet.seed,
+            shutdown.clone(),
+        )
+        .await?;
+        charging_config.chargers = chargers;
+        sim.bays = Some(bays);
     }
     let charging = crate::charging::Charging::start(
         crate::charging::ChargingParts {
@@ -402,7 +410,7 @@ async fn spawn_simulation(
     )
     .await
     .context("registering the simulated vehicles")?;
-    let sim_config = crate::sim_cli::config(
+    let mut sim_config = crate::sim_cli::config(
         &simulation.fleet,
         crate::sim_cli::Endpoints {
             topics: app.link.topics().clone(),
@@ -413,6 +421,7 @@ async fn spawn_simulation(
         },
         vehicles,
     );
+    sim_config.chargers = simulation.bays;
     tracing::info!(
         vehicles = simulation.vehicles,
         seed = simulation.fleet.seed,

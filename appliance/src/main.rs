@@ -43,6 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let simulation = (args.simulate_fleet > 0).then(|| depot::Simulation {
                 vehicles: args.simulate_fleet,
                 fleet: args.fleet.clone(),
+                bays: None,
             });
             runtime()?.block_on(async {
                 depot::run(config, simulation, shutdown::on_signals()?).await

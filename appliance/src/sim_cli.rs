@@ -2,7 +2,9 @@
 //! registered through the API) and `atlasmesh depot --simulate-fleet N` (registered in the
 //! store directly). The simulation itself is [`atlasmesh_vehicle_link::sim`].
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -43,6 +45,7 @@ pub fn config(fleet: &FleetArgs, at: Endpoints, vehicles: Vec<SimVehicle>) -> Si
         hardware_id: fleet.sim_hardware.clone(),
         initial_version: fleet.sim_version.clone(),
         roster: fleet.chargers > 0,
+        chargers: None,
     }
 }
 
@@ -280,10 +283,16 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         endpoints.broker_host,
         endpoints.broker_port
     );
-    let config = config(&args.fleet, endpoints, vehicles);
+    let mut config = config(&args.fleet, endpoints, vehicles);
     if args.fleet.chargers > 0 {
-        let chargers =
-            start_chargers(args.fleet.chargers, args.fleet.seed, shutdown.clone()).await?;
+        let (chargers, bays) = start_chargers(
+            args.fleet.chargers,
+            config.vehicles.len(),
+            args.fleet.seed,
+            shutdown.clone(),
+        )
+        .await?;
+        config.chargers = Some(bays);
         // The depot reaches them through its configuration; this is the part to paste.
         let snippet = toml::to_string(&serde_json::json!({ "charging": { "chargers": chargers } }))
             .unwrap_or_default();
@@ -328,17 +337,45 @@ const SIM_CHARGER_PROFILES: [&str; 5] = [
     "schneider-evlink-pro",
 ];
 
-/// Starts `n` simulated Modbus TCP chargers on loopback, one per bay from `bay-1`, each with a
-/// vehicle plugged in; returns how the depot reaches them.
+/// The simulated chargers by bay, for the simulated fleet: a vehicle docked at a bay plugs
+/// into the charger there, and its state of charge is the charger's.
+struct SimBays(HashMap<String, atlasmesh_charging::sim::SimDevice>);
+
+impl sim::Bays for SimBays {
+    fn docked(&self, bay: &str, soc_percent: f64, battery_kwh: f64) -> Option<f64> {
+        let device = self.0.get(bay)?;
+        let soc = device.with(|s| s.vehicle.as_ref().map(|v| v.soc_percent));
+        Some(soc.unwrap_or_else(|| {
+            device.plug(Some(atlasmesh_charging::sim::SimVehicle {
+                soc_percent,
+                battery_kwh,
+                max_kw: 11.0,
+            }));
+            soc_percent
+        }))
+    }
+
+    fn left(&self, bay: &str) {
+        if let Some(device) = self.0.get(bay) {
+            device.plug(None);
+        }
+    }
+}
+
+/// Starts `n` simulated Modbus TCP chargers on loopback, one per bay from `bay-1`; returns how
+/// the depot reaches them, and the bays for the simulated fleet. The first `fleet` bays wait
+/// for the fleet's vehicles to dock; any beyond have a vehicle of their own plugged in.
 pub async fn start_chargers(
     n: usize,
+    fleet: usize,
     seed: u64,
     shutdown: CancellationToken,
-) -> anyhow::Result<Vec<crate::config::ChargerConfig>> {
+) -> anyhow::Result<(Vec<crate::config::ChargerConfig>, sim::BayChargers)> {
     use rand::{Rng, SeedableRng};
     let profiles = crate::charging::load_profiles(None)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xc4a7);
     let mut out = Vec::with_capacity(n);
+    let mut bays = HashMap::new();
     for i in 0..n {
         let name = SIM_CHARGER_PROFILES[i % SIM_CHARGER_PROFILES.len()];
         let profile = profiles[name].clone();
@@ -347,7 +384,9 @@ pub async fn start_chargers(
             battery_kwh: [60.0, 75.0, 82.5, 100.0][rng.random_range(0..4)],
             max_kw: 11.0,
         };
-        let device = atlasmesh_charging::sim::SimDevice::new(profile, Some(vehicle));
+        let device =
+            atlasmesh_charging::sim::SimDevice::new(profile, (i >= fleet).then_some(vehicle));
+        bays.insert(format!("bay-{}", i + 1), device.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding a simulated charger")?;
@@ -364,5 +403,61 @@ pub async fn start_chargers(
         });
     }
     tracing::info!(chargers = n, "simulated Modbus TCP chargers started");
-    Ok(out)
+    Ok((out, sim::BayChargers(Arc::new(SimBays(bays)))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atlasmesh_charging::driver::Device;
+
+    /// A fleet vehicle docking at a simulated charger's bay plugs into it, charges at what the
+    /// depot writes (read back over Modbus), and unplugs when it leaves.
+    #[tokio::test]
+    async fn fleet_vehicles_charge_through_the_charger_at_their_bay() {
+        let shutdown = CancellationToken::new();
+        let (chargers, bays) = start_chargers(2, 1, 7, shutdown.clone()).await.unwrap();
+        let profiles = crate::charging::load_profiles(None).unwrap();
+        let connect = |i: usize| {
+            let c = &chargers[i];
+            let profile = profiles[&c.profile].clone();
+            let addr: std::net::SocketAddr = c.address.parse().unwrap();
+            Device::connect(
+                addr,
+                profile.device.unit_id,
+                profile,
+                Duration::from_secs(2),
+            )
+        };
+        let mut first = connect(0).await.unwrap();
+        assert!(
+            !first.poll().await.unwrap().plugged,
+            "bay-1 waits for the fleet"
+        );
+        let mut second = connect(1).await.unwrap();
+        assert!(
+            second.poll().await.unwrap().plugged,
+            "bay-2 has its own vehicle"
+        );
+
+        assert_eq!(bays.0.docked("bay-1", 40.0, 60.0), Some(40.0));
+        assert_eq!(bays.0.docked("bay-9", 40.0, 60.0), None, "no charger there");
+        assert!(first.poll().await.unwrap().plugged);
+        first.set_current(32.0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let reading = first.poll().await.unwrap();
+        assert!(
+            reading.power_w > 10_000.0,
+            "the vehicle takes its 11 kW: {reading:?}"
+        );
+        let soc = bays.0.docked("bay-1", 40.0, 60.0).unwrap();
+        assert!(
+            soc > 40.0,
+            "the vehicle's charge comes from the charger: {soc}"
+        );
+
+        bays.0.left("bay-1");
+        assert!(!first.poll().await.unwrap().plugged);
+        shutdown.cancel();
+    }
 }

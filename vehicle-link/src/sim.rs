@@ -54,6 +54,29 @@ pub struct SimConfig {
     /// between 05:00 and 08:00 UTC, stays docked until then, and charges at an AC charger's
     /// 11 kW in simulated time.
     pub roster: bool,
+    /// Simulated chargers at the bays: a roster vehicle docked at one charges through it, at
+    /// whatever the depot wrote, instead of at a fixed 11 kW.
+    pub chargers: Option<BayChargers>,
+}
+
+/// The chargers at the bays, as the simulated vehicles see them.
+pub trait Bays: Send + Sync {
+    /// A vehicle is docked at `bay` with `soc_percent`: plugs it in if the charger there has
+    /// nobody, and returns its state of charge as the charger has it; None when the bay has
+    /// no charger.
+    fn docked(&self, bay: &str, soc_percent: f64, battery_kwh: f64) -> Option<f64>;
+    /// The vehicle at `bay` left.
+    fn left(&self, bay: &str);
+}
+
+/// A shared [`Bays`].
+#[derive(Clone)]
+pub struct BayChargers(pub Arc<dyn Bays>);
+
+impl std::fmt::Debug for BayChargers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BayChargers")
+    }
 }
 
 /// An AC charger's power, for roster vehicles, kW.
@@ -123,6 +146,7 @@ struct Car {
     index: usize,
     roster: bool,
     second: Duration,
+    chargers: Option<BayChargers>,
 }
 
 impl Car {
@@ -155,6 +179,7 @@ impl Car {
             index,
             roster: config.roster,
             second: config.second,
+            chargers: config.chargers.clone(),
             rng,
         }
     }
@@ -166,7 +191,15 @@ impl Car {
     /// One simulated second; true when the vehicle docked or left.
     fn step(&mut self) -> bool {
         self.clock += 1;
-        if self.plugged() && self.roster {
+        let at_charger = match &self.chargers {
+            Some(c) if self.plugged() && self.roster => {
+                c.0.docked(&self.bay, self.soc, self.battery_kwh)
+            }
+            _ => None,
+        };
+        if let Some(soc) = at_charger {
+            self.soc = soc;
+        } else if self.plugged() && self.roster {
             let percent = ROSTER_CHARGE_KW / 3600.0 / self.battery_kwh * 100.0;
             self.soc = (self.soc + percent).min(100.0);
         } else if self.plugged() {
@@ -176,6 +209,9 @@ impl Car {
         }
         self.countdown = self.countdown.saturating_sub(1);
         if self.countdown == 0 && !self.busy {
+            if let (true, Some(c)) = (self.docked, &self.chargers) {
+                c.0.left(&self.bay);
+            }
             self.docked = !self.docked;
             self.countdown = if self.docked && self.roster {
                 roster_countdown(self.index, self.second)
