@@ -87,10 +87,14 @@
           priority: parseInt(text("priority") || "0", 10),
         };
       }
-      case "charging-site": return {
-        limit_kw: parseFloat(text("limit_kw")),
-        tariff: text("tariff").split(/[\s,;]+/).filter(Boolean).map(Number),
-      };
+      case "charging-site": {
+        // Whitespace or semicolons between prices: a comma may be a decimal comma, and
+        // "0,25" must be refused, not read as 0 and 25.
+        const words = text("tariff").split(/[\s;]+/).filter(Boolean);
+        const bad = words.find((w) => !Number.isFinite(Number(w)));
+        if (bad !== undefined) throw new Error(`Tariff: "${bad}" is not a price; write decimals with a point and separate prices with spaces.`);
+        return { limit_kw: parseFloat(text("limit_kw")), tariff: words.map(Number) };
+      }
       default: return Object.fromEntries(f.entries());
     }
   }
@@ -213,7 +217,7 @@
     if (fetching || !document.querySelector("[data-live-section]")) return;
     fetching = window.setTimeout(async () => {
       try {
-        const response = await fetch(window.location.href, { credentials: "same-origin" });
+        const response = await fetch(window.location.href, { credentials: "same-origin", signal: AbortSignal.timeout(10000) });
         if (response.ok) {
           const next = new DOMParser().parseFromString(await response.text(), "text/html");
           document.querySelectorAll("[data-live-section]").forEach((el) => {

@@ -236,7 +236,16 @@ impl ChargingConfig {
             }
         }
         let mut seen = std::collections::HashSet::new();
+        let mut bays = std::collections::HashSet::new();
         for c in &self.chargers {
+            if let Some(bay) = &c.bay
+                && !bays.insert(bay.as_str())
+            {
+                return Err(invalid(
+                    "charging.chargers",
+                    format!("charger {:?}: bay {bay:?} already has a charger", c.id),
+                ));
+            }
             if c.id.is_empty() || !seen.insert(c.id.as_str()) {
                 return Err(invalid(
                     "charging.chargers",
@@ -849,5 +858,12 @@ mod tests {
             err.contains("charging.circuits") && err.contains("limit_kw"),
             "{err}"
         );
+        // Two chargers on one bay would both charge whichever vehicle docks there.
+        let twice = "[[charging.chargers]]\nid = \"cp-1\"\nprofile = \"alfen-ng9xx\"\n\
+                     address = \"10.0.0.5:502\"\nbay = \"bay-1\"\n\
+                     [[charging.chargers]]\nid = \"cp-2\"\nprofile = \"alfen-ng9xx\"\n\
+                     address = \"10.0.0.6:502\"\nbay = \"bay-1\"\n";
+        let err = load(twice, &[]).unwrap_err().to_string();
+        assert!(err.contains("bay \"bay-1\" already has a charger"), "{err}");
     }
 }

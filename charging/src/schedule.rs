@@ -669,6 +669,17 @@ pub fn finish(
             cost,
         });
     }
+    // Whether circuit `c` is at its limit in slot `t`.
+    let full = |c: usize, t: usize| {
+        let used: f64 = problem
+            .vehicles
+            .iter()
+            .zip(&power)
+            .filter(|(n, _)| n.circuit == Some(c))
+            .map(|(_, row)| row[t])
+            .sum();
+        used + 0.01 >= problem.circuits[c].limit_kw
+    };
     for (need, outcome) in problem.vehicles.iter().zip(&outcomes) {
         if outcome.ready {
             continue;
@@ -685,9 +696,12 @@ pub fn finish(
                 need.max_kw
             )
         } else {
+            // Its circuit is to blame when it is full in the vehicle's window.
             let limit = match need.circuit {
-                Some(c) => format!("the limit of circuit {}", problem.circuits[c].name),
-                None => "the site limit".to_owned(),
+                Some(c) if window.clone().any(|t| full(c, t)) => {
+                    format!("the limit of circuit {}", problem.circuits[c].name)
+                }
+                _ => "the site limit".to_owned(),
             };
             format!(
                 "{} will be {:.1} kWh short: {limit} is shared with vehicles that leave earlier or rank higher",
@@ -697,16 +711,7 @@ pub fn finish(
     }
     for (c, circuit) in problem.circuits.iter().enumerate() {
         let full = (0..problem.slots())
-            .filter(|&t| {
-                let used: f64 = problem
-                    .vehicles
-                    .iter()
-                    .zip(&power)
-                    .filter(|(n, _)| n.circuit == Some(c))
-                    .map(|(_, row)| row[t])
-                    .sum();
-                used > 0.0 && used + 0.01 >= circuit.limit_kw
-            })
+            .filter(|&t| circuit.limit_kw > 0.0 && full(c, t))
             .count();
         if full > 0 {
             explanation.push(format!(

@@ -275,6 +275,41 @@ fn a_vehicle_that_cannot_make_it_alone_is_told_why() {
 }
 
 #[test]
+fn a_shortfall_names_the_limit_that_binds() {
+    use atlasmesh_charging::schedule::Circuit;
+    // Two vans of 30 kWh in two slots at up to 22 kW: 44 kWh of room each alone.
+    let van = |name: &str| {
+        let mut v = need(name, 30.0, 0, 2, 22.0);
+        v.circuit = Some(0);
+        v
+    };
+    let reason = |site: f64, circuit: f64| {
+        let mut p = problem(site, vec![0.2, 0.2], vec![van("a"), van("b")]);
+        p.circuits = vec![Circuit {
+            name: "feeder-a".into(),
+            limit_kw: circuit,
+        }];
+        let planned = plan(&p).unwrap();
+        assert!(planned.missed() > 0, "{:?}", planned.power_kw);
+        planned.explanation.join("\n")
+    };
+    // The feeder (20 kW) binds under a generous site: it is named, and said to be full.
+    let text = reason(100.0, 20.0);
+    assert!(
+        text.contains("the limit of circuit feeder-a is shared"),
+        "{text}"
+    );
+    assert!(
+        text.contains("circuit feeder-a (20.0 kW) is at its limit in 2 slots"),
+        "{text}"
+    );
+    // The site (20 kW) binds under a generous feeder: the site is named.
+    let text = reason(20.0, 100.0);
+    assert!(text.contains("the site limit is shared"), "{text}");
+    assert!(!text.contains("feeder-a"), "{text}");
+}
+
+#[test]
 fn minimum_power_is_rounded_and_the_need_still_met() {
     // The relaxation would split 5 kWh as 2.5 kW in two slots; the charger cannot go below
     // 4.14 kW, so the rounded plan charges at the minimum or more, and the need is met.

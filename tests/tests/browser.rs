@@ -611,18 +611,12 @@ async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
         let table = table.screenshot().await?;
         std::fs::write(artifacts_dir().join("panel-charging-vehicles.png"), &table)
             .expect("screenshot");
-        // Priority 7 for the first vehicle listed, from its row's form.
+        // Priority 7 for the first vehicle listed, from its row's form; its departure is left
+        // to the vehicle (no override is saved with the priority).
         let row = client
             .find(Locator::Css("tr[data-charging-vehicle]"))
             .await?;
         let vehicle = row.attr("data-charging-vehicle").await?.expect("vehicle id");
-        let departure = row
-            .find(Locator::Css("input[name=departure]"))
-            .await?
-            .prop("value")
-            .await?
-            .unwrap_or_default();
-        assert!(departure.len() == 16, "departure filled in local time: {departure:?}");
         let priority = row.find(Locator::Css("input[name=priority]")).await?;
         priority.clear().await?;
         priority.send_keys("7").await?;
@@ -636,6 +630,28 @@ async fn the_charging_page_charts_a_night_of_simulated_depot_charging() {
             .at_most(Duration::from_secs(20))
             .for_element(Locator::Css(&selector))
             .await?;
+        let departure = client
+            .find(Locator::Css(&format!(
+                "tr[data-charging-vehicle=\"{vehicle}\"] input[name=departure]"
+            )))
+            .await?
+            .prop("value")
+            .await?;
+        assert_eq!(departure.as_deref(), Some(""), "no departure override");
+        // A tariff typed with decimal commas is refused in the page, not misread.
+        let form = client
+            .find(Locator::Css("form[data-json=charging-site]"))
+            .await?;
+        let tariff = form.find(Locator::Css("textarea[name=tariff]")).await?;
+        tariff.clear().await?;
+        tariff.send_keys("0,25 0,30").await?;
+        form.find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let error = text_of(&client, "[data-api-error]").await;
+        assert!(error.contains("\"0,25\" is not a price"), "{error}");
+        client.refresh().await?;
 
         // A site limit of 120 kW from the admin's form reaches the chart.
         let form = client

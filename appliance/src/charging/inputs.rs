@@ -44,8 +44,10 @@ pub fn session_start(start: Option<f64>, was_plugged: bool, now: &Reading) -> Op
     if !now.plugged {
         return None;
     }
-    match (start, now.energy_wh) {
+    match (start, now.energy_wh.filter(|e| e.is_finite())) {
         (Some(s), Some(e)) if was_plugged && e >= s => Some(s),
+        // An unreadable value keeps the start it had.
+        (s, None) if was_plugged => s,
         (_, e) => e,
     }
 }
@@ -296,6 +298,12 @@ mod tests {
             session_start(Some(9_000.0), true, &reading(true, 200.0)),
             Some(200.0)
         );
+        // A value that is not a number changes nothing.
+        assert_eq!(
+            session_start(start, true, &reading(true, f64::INFINITY)),
+            start
+        );
+        assert_eq!(session_start(None, false, &reading(true, f64::NAN)), None);
     }
 
     #[test]

@@ -244,6 +244,8 @@ impl Point {
         }
         // The setpoint it runs at is no longer ours to know: it is at its failsafe.
         self.setpoint_a = None;
+        // Nor is who is plugged in once it answers again: count energy from then.
+        self.session_start_wh = None;
         self.error = Some(e);
     }
 
@@ -345,7 +347,7 @@ impl Plug {
                 p.session_start_wh,
                 p.reading.as_ref().and_then(|r| r.energy_wh),
             ) {
-                (Some(start), Some(now)) => (now - start).max(0.0) / 1000.0,
+                (Some(start), Some(now)) if now.is_finite() => (now - start).max(0.0) / 1000.0,
                 _ => 0.0,
             },
             bay: p.bay.clone(),
@@ -547,10 +549,12 @@ impl Charging {
                     .find(|v| v.docked && v.bay.as_deref() == Some(bay.as_str()))
             });
             let set = vehicle.and_then(|v| settings.get(&v.id));
+            // A technician's departure that has passed gives way to the vehicle's own, and
+            // that to the default.
             let departure_ms = set
                 .and_then(|s| s.departure_ms)
-                .or(vehicle.and_then(|v| v.departure_ms))
                 .filter(|d| *d > now_ms)
+                .or(vehicle.and_then(|v| v.departure_ms).filter(|d| *d > now_ms))
                 .unwrap_or_else(|| inputs::next_local_time(now_ms, default_departure, &self.tz));
             let pending_ota = vehicle.is_some_and(|v| {
                 v.assigned_version.is_some() && v.assigned_version != v.installed_version
@@ -614,6 +618,17 @@ impl Charging {
             .collect();
         let plan = schedule::plan(&problem)?;
         let mut explanation = plan.explanation.clone();
+        for (c, effective) in self.config.circuits.iter().zip(&problem.circuits) {
+            if effective.limit_kw < c.limit_kw {
+                explanation.push(format!(
+                    "circuit {}: {:.1} kW of its {:.1} kW is held for faulted chargers at their failsafe current; {:.1} kW is left to plan",
+                    c.name,
+                    c.limit_kw - effective.limit_kw,
+                    c.limit_kw,
+                    effective.limit_kw
+                ));
+            }
+        }
         if uncontrolled > 0.0 {
             explanation.push(format!(
                 "{uncontrolled:.1} kW is held for faulted chargers running at their failsafe current"

@@ -1270,12 +1270,12 @@ fn charging_vehicles(
             section.card.wide data-charging-vehicles {
                 h2 { "Vehicles" }
                 p.muted {
-                    "Departure, target and priority as set here win over what a vehicle reports; an empty departure or target means the vehicle's own or the depot default. Priority 0 is normal, 9 charges first when the site cannot serve everyone."
+                    "Departure, target and priority as set here win over what a vehicle reports; an empty departure or target means the vehicle's own or the depot default (a departure that has passed gives way to them too). Priority 0 is normal, 9 charges first when the site cannot serve everyone."
                 }
                 table.data {
                     thead { tr {
-                        th { "Vehicle" } th { "Charger" } th { "State of charge" } th { "Needs" } th { "Planned" } th { "Ready" }
-                        th { "Departure" } th { "Target %" } th { "Priority" } @if technician { th {} }
+                        th { "Vehicle" } th { "Charger" } th { "State of charge" } th { "Needs" } th { "Planned" } th { "Ready" } th { "Leaves" }
+                        th { "Set departure" } th { "Target %" } th { "Priority" } @if technician { th {} }
                     } }
                     tbody {
                         @for v in &planned {
@@ -1288,13 +1288,14 @@ fn charging_vehicles(
                                 td { (format!("{:.1} kWh", v.session.need_kwh)) }
                                 td { (format!("{:.1} kWh", v.energy_kwh)) }
                                 td { @if v.ready { span.pill.ok { "ready" } } @else { span.pill.crit { (format!("{:.1} kWh short", v.shortfall_kwh)) } } }
-                                (controls(&id, set.and_then(|s| s.departure_ms).or(Some(v.session.departure_ms)), set.and_then(|s| s.target_soc_percent), set.map_or(0, |s| s.priority)))
+                                td { (when(Some(v.session.departure_ms))) }
+                                (controls(&id, set.and_then(|s| s.departure_ms), set.and_then(|s| s.target_soc_percent), set.map_or(0, |s| s.priority)))
                             }
                         }
                         @for s in &ahead {
                             tr data-charging-vehicle=(s.vehicle_id) {
                                 td { code { (s.vehicle_id) } }
-                                td.muted colspan="5" { "not at a charger" }
+                                td.muted colspan="6" { "not at a charger" }
                                 (controls(&s.vehicle_id, s.departure_ms, s.target_soc_percent, s.priority))
                             }
                         }
