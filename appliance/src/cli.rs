@@ -415,27 +415,43 @@ pub struct DepotArgs {
     pub simulate_fleet: usize,
     #[command(flatten)]
     pub fleet: FleetArgs,
+    /// The cloud fleet core to sync with, `https://HOST:PORT` (its gRPC port).
+    #[arg(long, value_name = "URL")]
+    pub cloud: Option<String>,
+    /// One-time token from `atlasmesh cloud enroll-token`; needed only for the first start
+    /// (or set ATLASMESH_CLOUD_LINK__ENROLL_TOKEN, which stays out of the process list).
+    #[arg(long, value_name = "TOKEN")]
+    pub enroll_token: Option<String>,
 }
 
 impl DepotArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             depot_http: self.http,
+            cloud_url: self.cloud.clone(),
+            enroll_token: self.enroll_token.clone(),
             ..self.common.overrides()
         }
     }
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct CloudArgs {
+    #[command(subcommand)]
+    pub command: Option<CloudCommand>,
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Database URL (default: a SQLite file cloud.db in the data dir).
+    /// Database URL: sqlite://FILE or postgres://USER@HOST/DB (default: a SQLite file cloud.db
+    /// in the data dir). Several cloud instances may share one PostgreSQL database.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
-    /// Address of the fleet core's HTTP server (default 0.0.0.0:9080).
+    /// Address of the fleet core's HTTP server: panel, API, probes (default 0.0.0.0:9080).
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// Address of the gRPC port depots enrol and sync on (default 0.0.0.0:9443).
+    #[arg(long, value_name = "ADDR")]
+    pub grpc: Option<SocketAddr>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -445,10 +461,61 @@ impl CloudArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             cloud_http: self.http,
+            cloud_grpc: self.grpc,
             database_url: self.database_url.clone(),
             ..self.common.overrides()
         }
     }
+}
+
+/// The fleet core's offline tools; they work on its database directly.
+#[derive(Debug, Subcommand)]
+pub enum CloudCommand {
+    /// Mint a one-time enrolment token for a depot (registering the depot if new) and print it.
+    EnrollToken(CloudDepotArgs),
+    /// Revoke a depot: its certificates stop working at its next call.
+    Revoke(CloudDepotArgs),
+    /// Create a fleet API token and print it once (only its hash is stored).
+    Token(CloudTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CloudStoreArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Database URL, as for `atlasmesh cloud`.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+}
+
+impl CloudStoreArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            database_url: self.database_url.clone(),
+            ..self.common.overrides()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CloudDepotArgs {
+    #[command(flatten)]
+    pub store: CloudStoreArgs,
+    /// The depot's name (letters, digits, '-' or '_').
+    #[arg(long, value_name = "NAME")]
+    pub depot: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CloudTokenArgs {
+    #[command(flatten)]
+    pub store: CloudStoreArgs,
+    /// viewer (read), operator (set depots' desired state) or admin (also enrol and revoke).
+    #[arg(long, value_enum)]
+    pub role: crate::http::cloud_api::FleetRole,
+    /// Who or what uses the token; it appears in the audit log.
+    #[arg(long, default_value = "cli")]
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -41,6 +41,7 @@ pub struct Config {
     pub canary: CanaryConfig,
     pub disks: DisksConfig,
     pub charging: ChargingConfig,
+    pub cloud_link: CloudLinkConfig,
 }
 
 impl Default for Config {
@@ -58,6 +59,7 @@ impl Default for Config {
             canary: CanaryConfig::default(),
             disks: DisksConfig::default(),
             charging: ChargingConfig::default(),
+            cloud_link: CloudLinkConfig::default(),
         }
     }
 }
@@ -283,6 +285,20 @@ pub struct CloudConfig {
     /// sqlx database URL; unset means a SQLite file `cloud.db` in the data dir.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// Address of the gRPC port depots enrol and sync on (mutual TLS from the fleet CA).
+    pub grpc: SocketAddr,
+    /// Host names and addresses the gRPC server certificate names, as depots reach it; empty
+    /// means this machine's host name, localhost and 127.0.0.1.
+    pub grpc_names: Vec<String>,
+    /// How long a depot certificate lives; depots renew after two thirds of it.
+    #[serde(with = "humantime_serde")]
+    pub depot_cert_lifetime: Duration,
+    /// How long an enrolment token stays usable.
+    #[serde(with = "humantime_serde")]
+    pub enroll_token_lifetime: Duration,
+    /// How often a sync session looks for desired changes and revocation.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
 }
 
 impl Default for CloudConfig {
@@ -290,6 +306,44 @@ impl Default for CloudConfig {
         Self {
             http: SocketAddr::from(([0, 0, 0, 0], 9080)),
             database_url: None,
+            grpc: SocketAddr::from(([0, 0, 0, 0], 9443)),
+            grpc_names: Vec::new(),
+            depot_cert_lifetime: Duration::from_secs(30 * 24 * 3600),
+            enroll_token_lifetime: Duration::from_secs(24 * 3600),
+            poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The depot's link to the cloud fleet core. Off unless `url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudLinkConfig {
+    /// The cloud's gRPC address, `https://HOST:PORT`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// One-time token from `atlasmesh cloud enroll-token`, used once on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enroll_token: Option<String>,
+    /// The outbox keeps at most this many bytes of events while the link is down; the oldest
+    /// go first.
+    pub outbox_max_bytes: u64,
+    /// ... and events at most this old.
+    #[serde(with = "humantime_serde")]
+    pub outbox_max_age: Duration,
+    /// How often reported state is compared and changes sent.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+}
+
+impl Default for CloudLinkConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            enroll_token: None,
+            outbox_max_bytes: 64 << 20,
+            outbox_max_age: Duration::from_secs(30 * 24 * 3600),
+            report_interval: Duration::from_secs(15),
         }
     }
 }
@@ -556,6 +610,9 @@ pub struct Overrides {
     pub depot_http: Option<SocketAddr>,
     pub cloud_http: Option<SocketAddr>,
     pub database_url: Option<String>,
+    pub cloud_url: Option<String>,
+    pub enroll_token: Option<String>,
+    pub cloud_grpc: Option<SocketAddr>,
 }
 
 impl Config {
@@ -590,6 +647,15 @@ impl Config {
         }
         if let Some(url) = &overrides.database_url {
             figment = figment.merge(Serialized::default("cloud.database_url", url));
+        }
+        if let Some(addr) = overrides.cloud_grpc {
+            figment = figment.merge(Serialized::default("cloud.grpc", addr));
+        }
+        if let Some(url) = &overrides.cloud_url {
+            figment = figment.merge(Serialized::default("cloud_link.url", url));
+        }
+        if let Some(token) = &overrides.enroll_token {
+            figment = figment.merge(Serialized::default("cloud_link.enroll_token", token));
         }
         let config: Config = figment.extract().map_err(|err| {
             // figment reports every problem; each message names the key and where it came from.

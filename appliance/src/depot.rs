@@ -217,6 +217,20 @@ async fn run_locked(
         shutdown.clone(),
     )
     .context("starting charging")?;
+    let cloud_link = crate::cloud_link::CloudLink::start(
+        store.clone(),
+        config.cloud_link.clone(),
+        config.data_dir.clone(),
+        clock.clone(),
+        crate::cloud_link::Reporter {
+            store: store.clone(),
+            charging: charging.clone(),
+            depot_name: config.depot.name.clone(),
+            local_id: prepared.depot_id.clone(),
+        },
+        &mut registry,
+        shutdown.clone(),
+    );
     let core = Core {
         alarms: vec![disks.alarm()],
         mode: Mode::Depot,
@@ -246,6 +260,7 @@ async fn run_locked(
         rollouts,
         disks,
         charging,
+        cloud_link,
     };
 
     spawn_session_sweeper(store.clone(), clock.clone(), shutdown.clone());

@@ -27,6 +27,7 @@ pub mod charger_cli;
 pub mod charging;
 pub mod cli;
 pub mod cloud;
+pub mod cloud_link;
 pub mod config;
 pub mod datadir;
 pub mod depot;

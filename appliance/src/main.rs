@@ -3,13 +3,18 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use atlasmesh::cli::{ChargerCommand, Cli, Command, SmartCommand, TokenCommand, VehicleCommand};
+use atlasmesh::cli::{
+    ChargerCommand, Cli, CloudArgs, Command, SmartCommand, TokenCommand, VehicleCommand,
+};
 use atlasmesh::config::{Config, ConfigError};
 use atlasmesh::{charger_cli, cloud, depot, logging, ota_cli, shutdown, sim_cli, smart_cli, tools};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Two TLS back ends are linked (ring for our servers, aws-lc-rs through tough); tonic's
+    // TLS asks for the process default, so name it once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -49,6 +54,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 depot::run(config, simulation, shutdown::on_signals()?).await
             })?;
             Ok(0)
+        }
+        Command::Cloud(CloudArgs {
+            command: Some(command),
+            ..
+        }) => {
+            let rt = runtime()?;
+            rt.block_on(cloud::tool(command))
         }
         Command::Cloud(args) => {
             let config = Config::load(&args.overrides())?;

@@ -27,6 +27,16 @@ pub struct Site {
     /// Who set it; None while the configured defaults are in force.
     pub updated_by: Option<String>,
     pub updated_at: Option<i64>,
+    /// Where the limit in force comes from: `config`, `admin` or `cloud` (a fleet override,
+    /// which wins over the depot's own setting while it lasts).
+    #[serde(default = "config_source")]
+    pub limit_source: String,
+    #[serde(default = "config_source")]
+    pub tariff_source: String,
+}
+
+fn config_source() -> String {
+    "config".into()
 }
 
 /// A time-of-use tariff for when nobody has set one: cheap at night, dear at the evening peak.
@@ -93,6 +103,8 @@ pub fn site(conn: &Connection) -> Result<Option<Site>, StoreError> {
         tariff: serde_json::from_str(&tariff).unwrap_or_else(|_| default_tariff()),
         updated_by: Some(by),
         updated_at: Some(at),
+        limit_source: "admin".into(),
+        tariff_source: "admin".into(),
     }))
 }
 

@@ -415,15 +415,35 @@ impl Charging {
         &self.config
     }
 
-    /// The site as in force: an admin's settings or the configured defaults.
+    /// The site as in force: the cloud's overrides over an admin's settings over the
+    /// configured defaults.
     pub async fn site(&self) -> Result<db::Site, crate::store::StoreError> {
-        let set = self.store.read(db::site).await?;
-        Ok(set.unwrap_or_else(|| db::Site {
+        let (set, (cloud_limit, cloud_tariff)) = self
+            .store
+            .read(|c| {
+                Ok::<_, crate::store::StoreError>((
+                    db::site(c)?,
+                    crate::cloud_link::site_overrides(c)?,
+                ))
+            })
+            .await?;
+        let mut site = set.unwrap_or_else(|| db::Site {
             limit_kw: self.config.site_limit_kw,
             tariff: db::default_tariff(),
             updated_by: None,
             updated_at: None,
-        }))
+            limit_source: "config".into(),
+            tariff_source: "config".into(),
+        });
+        if let Some(limit) = cloud_limit {
+            site.limit_kw = limit;
+            site.limit_source = "cloud".into();
+        }
+        if let Some(tariff) = cloud_tariff {
+            site.tariff = tariff;
+            site.tariff_source = "cloud".into();
+        }
+        Ok(site)
     }
 
     async fn run(

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod authn;
 pub mod charging_api;
+pub mod cloud_api;
 pub mod disks_api;
 pub mod error;
 pub mod fastpath;
@@ -136,6 +137,7 @@ pub struct AppState {
     pub rollouts: Arc<crate::rollouts::Rollouts>,
     pub disks: Arc<crate::disks::Disks>,
     pub charging: Arc<crate::charging::Charging>,
+    pub cloud_link: Arc<crate::cloud_link::CloudLink>,
 }
 
 impl FromRef<AppState> for Core {

@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_disks.sql"),
     include_str!("migrations/0007_job_resumes.sql"),
     include_str!("migrations/0008_charging.sql"),
+    include_str!("migrations/0009_cloud_link.sql"),
 ];
 
 /// The schema version this binary migrates to.
@@ -62,6 +63,8 @@ pub enum StoreError {
     Integrity(String),
     #[error("store is closed")]
     Closed,
+    #[error("stored data is not as expected: {0}")]
+    Invalid(String),
     #[error("store worker thread failed: {0}")]
     Worker(String),
     #[error("{context}: {source}")]

@@ -1,0 +1,399 @@
+//! The fleet core's HTTP API (`atlasmesh cloud`): depots with their link state, reported
+//! state and events; desired site limit and tariff per depot; enrolment tokens; revocation;
+//! the audit log. Every route needs a fleet API token (`atlasmesh cloud token create`), each
+//! states its minimum role, and every change is audited in the transaction that makes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRef, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use atlasmesh_cloud_sync::desired::Spec;
+use atlasmesh_cloud_sync::pki::Ca;
+use atlasmesh_cloud_sync::server::Clock;
+use atlasmesh_cloud_sync::token::{EnrollToken, hash_secret};
+use atlasmesh_cloud_sync::{CloudStore, CloudStoreError};
+
+use super::error::ApiError;
+
+/// Fleet roles: viewers read, operators change depots' desired state, admins also enrol and
+/// revoke depots and read the audit log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum FleetRole {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl FleetRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FleetRole::Viewer => "viewer",
+            FleetRole::Operator => "operator",
+            FleetRole::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "viewer" => Some(FleetRole::Viewer),
+            "operator" => Some(FleetRole::Operator),
+            "admin" => Some(FleetRole::Admin),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CloudApp {
+    pub store: CloudStore,
+    pub ca: Arc<Ca>,
+    pub clock: Clock,
+    pub enroll_token_lifetime: Duration,
+    /// A depot whose session has not touched the store for this long shows as offline.
+    pub online_within: Duration,
+}
+
+impl CloudApp {
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+}
+
+/// A caller with at least role `R` (a const generic over the role's rank).
+pub struct Fleet<const R: u8> {
+    pub name: String,
+    pub role: FleetRole,
+}
+
+impl<const R: u8> Fleet<R> {
+    fn actor(&self) -> String {
+        format!("token:{}", self.name)
+    }
+}
+
+pub type Viewer = Fleet<0>;
+pub type Operator = Fleet<1>;
+pub type Admin = Fleet<2>;
+
+impl<S, const R: u8> FromRequestParts<S> for Fleet<R>
+where
+    S: Send + Sync,
+    CloudApp: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let app = CloudApp::from_ref(state);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <token>`"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        let (name, role) = app
+            .store
+            .api_token(&hash_secret(token))
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        let role = FleetRole::parse(&role)
+            .ok_or_else(|| ApiError::internal(format!("token {name} has an unknown role")))?;
+        let needed = [FleetRole::Viewer, FleetRole::Operator, FleetRole::Admin][usize::from(R)];
+        if role < needed {
+            return Err(ApiError::forbidden(format!(
+                "this needs the {} role; the token has {}",
+                needed.as_str(),
+                role.as_str()
+            )));
+        }
+        Ok(Fleet { name, role })
+    }
+}
+
+fn store_error(e: CloudStoreError) -> ApiError {
+    match e {
+        CloudStoreError::UnknownDepot(_) => ApiError::not_found(e.to_string()),
+        CloudStoreError::RevokedDepot(_) => ApiError::conflict(e.to_string()),
+        other => ApiError::internal(other),
+    }
+}
+
+pub fn routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    CloudApp: FromRef<S>,
+{
+    Router::new()
+        .route("/api/v1/depots", get(list_depots))
+        .route("/api/v1/depots/{name}", get(get_depot))
+        .route("/api/v1/depots/{name}/events", get(depot_events))
+        .route(
+            "/api/v1/depots/{name}/desired/site-limit",
+            put(set_site_limit).delete(remove_site_limit),
+        )
+        .route(
+            "/api/v1/depots/{name}/desired/tariff",
+            put(set_tariff).delete(remove_tariff),
+        )
+        .route("/api/v1/depots/{name}/revoke", post(revoke))
+        .route("/api/v1/enroll-tokens", post(mint_token))
+        .route("/api/v1/audit", get(audit_log))
+}
+
+fn depot_json(app: &CloudApp, d: &atlasmesh_cloud_sync::DepotRow) -> Value {
+    let online = d.revoked_ms.is_none()
+        && d.last_seen_ms
+            .is_some_and(|seen| app.now() - seen <= app.online_within.as_millis() as i64);
+    let mut v = serde_json::to_value(d).unwrap_or_default();
+    v["online"] = json!(online);
+    v["in_sync"] = json!(d.acked_revision >= d.desired_revision);
+    v
+}
+
+async fn list_depots(_: Viewer, State(app): State<CloudApp>) -> Result<Json<Value>, ApiError> {
+    let depots = app.store.depots().await.map_err(store_error)?;
+    let mut out = Vec::with_capacity(depots.len());
+    for d in &depots {
+        let mut v = depot_json(&app, d);
+        // The depot's own summary (version, counts) from its latest report.
+        let reported = app.store.reported_of(&d.id).await.map_err(store_error)?;
+        v["summary"] = reported
+            .into_iter()
+            .find(|r| r.kind == "depot")
+            .map_or(Value::Null, |r| r.json);
+        out.push(v);
+    }
+    Ok(Json(json!({ "depots": out })))
+}
+
+async fn get_depot(
+    _: Viewer,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let depot = app.store.depot(&name).await.map_err(store_error)?;
+    let desired = app.store.desired_of(&depot.id).await.map_err(store_error)?;
+    let reported = app
+        .store
+        .reported_of(&depot.id)
+        .await
+        .map_err(store_error)?;
+    let mut v = depot_json(&app, &depot);
+    v["desired"] = serde_json::to_value(desired).unwrap_or_default();
+    v["reported"] = serde_json::to_value(reported).unwrap_or_default();
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+async fn depot_events(
+    _: Viewer,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    if !(1..=1000).contains(&q.limit) {
+        return Err(ApiError::invalid("limit: between 1 and 1000"));
+    }
+    let depot = app.store.depot(&name).await.map_err(store_error)?;
+    let events = app
+        .store
+        .events_of(&depot.id, q.after, q.limit)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({ "events": events })))
+}
+
+async fn set_desired(
+    app: &CloudApp,
+    actor: &str,
+    name: &str,
+    kind: &str,
+    spec: Option<Spec>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(spec) = &spec {
+        spec.validate().map_err(ApiError::invalid)?;
+    }
+    let (revision, generation) = app
+        .store
+        .set_desired(name, kind, "site", spec.as_ref(), actor, app.now())
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({
+        "depot": name, "kind": kind, "key": "site", "revision": revision,
+        "generation": generation, "spec": spec,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteLimitBody {
+    limit_kw: f64,
+}
+
+async fn set_site_limit(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+    body: Result<Json<SiteLimitBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    let spec = Spec::SiteLimit {
+        limit_kw: body.limit_kw,
+    };
+    set_desired(&app, &caller.actor(), &name, "site_limit", Some(spec)).await
+}
+
+async fn remove_site_limit(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_desired(&app, &caller.actor(), &name, "site_limit", None).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TariffBody {
+    prices_per_kwh: Vec<f64>,
+}
+
+async fn set_tariff(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+    body: Result<Json<TariffBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    let spec = Spec::Tariff {
+        prices_per_kwh: body.prices_per_kwh,
+    };
+    set_desired(&app, &caller.actor(), &name, "tariff", Some(spec)).await
+}
+
+async fn remove_tariff(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_desired(&app, &caller.actor(), &name, "tariff", None).await
+}
+
+async fn revoke(
+    caller: Admin,
+    State(app): State<CloudApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let depot = app
+        .store
+        .revoke_depot(&name, app.now(), &caller.actor())
+        .await
+        .map_err(store_error)?;
+    Ok(Json(depot_json(&app, &depot)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintBody {
+    depot: String,
+}
+
+/// Depot names are what people type and see: short, no spaces.
+pub fn validate_depot_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "depot name {name:?}: 1 to 63 letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// Mints a one-time enrolment token for a depot (registering the depot if new).
+pub async fn mint(
+    store: &CloudStore,
+    ca: &Ca,
+    depot: &str,
+    now: i64,
+    lifetime: Duration,
+    actor: &str,
+) -> Result<(EnrollToken, i64), ApiError> {
+    validate_depot_name(depot).map_err(ApiError::invalid)?;
+    let token = EnrollToken::mint(ca.fingerprint());
+    let expires = now + lifetime.as_millis() as i64;
+    store
+        .mint_enroll_token(depot, &token.secret_hash(), now, expires, actor)
+        .await
+        .map_err(store_error)?;
+    Ok((token, expires))
+}
+
+async fn mint_token(
+    caller: Admin,
+    State(app): State<CloudApp>,
+    body: Result<Json<MintBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    let (token, expires) = mint(
+        &app.store,
+        &app.ca,
+        &body.depot,
+        app.now(),
+        app.enroll_token_lifetime,
+        &caller.actor(),
+    )
+    .await?;
+    Ok(Json(json!({
+        "depot": body.depot, "token": token.to_string(), "expires_ms": expires,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+async fn audit_log(
+    _: Admin,
+    State(app): State<CloudApp>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let records = app
+        .store
+        .audit_log(q.limit.clamp(1, 1000))
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({ "records": records })))
+}
