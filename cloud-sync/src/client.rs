@@ -384,10 +384,13 @@ pub async fn run<S: DepotSide>(
     shutdown: CancellationToken,
 ) {
     let mut backoff = options.backoff_min;
+    // When to renew next: two thirds into the certificate's life, or a minute after a failed
+    // attempt, so a cloud that cannot renew does not hold the link in a renewal loop.
+    let mut renew_at = creds.renew_at_ms();
     while !shutdown.is_cancelled() {
         side.link_state(LinkState::Connecting);
         let started = tokio::time::Instant::now();
-        if clock() >= creds.renew_at_ms() {
+        if clock() >= renew_at {
             match renew(&creds, &clock).await {
                 Ok(renewed) => match side.save_credentials(&renewed).await {
                     Ok(()) => {
@@ -396,18 +399,26 @@ pub async fn run<S: DepotSide>(
                             "depot certificate renewed"
                         );
                         creds = renewed;
+                        renew_at = creds.renew_at_ms();
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot keep the renewed certificate"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot keep the renewed certificate");
+                        renew_at = clock() + 60_000;
+                    }
                 },
-                Err(e) => tracing::warn!(error = %e, "certificate renewal failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate renewal failed; will retry");
+                    renew_at = clock() + 60_000;
+                }
             }
         }
-        let result = session(&side, &creds, &options, &clock, &shutdown).await;
+        let result = session(&side, &creds, &options, &clock, renew_at, &shutdown).await;
         if shutdown.is_cancelled() {
             break;
         }
         let error = match result {
-            Ok(()) => "renewing the certificate".to_owned(),
+            // Due for renewal: straight back round.
+            Ok(()) => continue,
             Err(e) => e.to_string(),
         };
         if started.elapsed() > Duration::from_secs(30) {
@@ -434,6 +445,7 @@ async fn session<S: DepotSide>(
     creds: &Credentials,
     options: &ClientOptions,
     clock: &Clock,
+    renew_at: i64,
     shutdown: &CancellationToken,
 ) -> Result<(), ClientError> {
     let channel = connect(creds).await?;
@@ -477,7 +489,6 @@ async fn session<S: DepotSide>(
     let mut push = tokio::time::interval(options.push_interval);
     let mut report = tokio::time::interval(options.report_interval);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let renew_at = creds.renew_at_ms();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

@@ -189,6 +189,9 @@ impl Server {
         if !options.args.iter().any(|a| a == "--http") {
             cmd.args(["--http", "127.0.0.1:0"]);
         }
+        if options.mode == Mode::Cloud && !options.args.iter().any(|a| a == "--grpc") {
+            cmd.args(["--grpc", "127.0.0.1:0"]);
+        }
         cmd.args(&options.args);
         cmd.env("ATLASMESH_LOG__LEVEL", "info");
         // Tests run side by side: the embedded broker takes a free port, reported in the log.

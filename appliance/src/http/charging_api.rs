@@ -1,6 +1,7 @@
 //! `/api/v1` routes of charging: chargers live, the plan, what technicians set per vehicle
 //! (departure, target state of charge, priority) and what admins set for the site (grid limit,
-//! tariff). Every change is audited and re-plans at once.
+//! tariff). Every change is audited and re-plans at once. Also `/api/v1/cloud`: the cloud link,
+//! whose desired state may override the site.
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -20,6 +21,7 @@ pub fn routes() -> Router<AppState> {
         .route("/chargers", get(chargers))
         .route("/charging/plan", get(plan))
         .route("/charging/site", get(site).put(set_site))
+        .route("/cloud", get(cloud_link))
         .route("/charging/vehicles", get(vehicles))
         .route("/charging/vehicles/{id}", put(set_vehicle))
 }
@@ -39,6 +41,28 @@ async fn plan(_caller: Auth<Viewer>, State(app): State<AppState>) -> Result<Resp
             "no plan yet: the first poll of the chargers is under way",
         )),
     }
+}
+
+/// The cloud link: its state, the outbox (with what the bound dropped) and the desired state
+/// the depot holds from the cloud.
+async fn cloud_link(
+    _caller: Auth<Viewer>,
+    State(app): State<AppState>,
+) -> Result<Response, ApiError> {
+    let outbox = app.cloud_link.outbox().await?;
+    let desired = app.store.read(crate::cloud_link::db::desired).await?;
+    let revision = app
+        .store
+        .read(crate::cloud_link::db::enrolment)
+        .await?
+        .map_or(0, |e| e.desired_revision);
+    Ok(axum::Json(json!({
+        "link": app.cloud_link.view(),
+        "outbox": outbox,
+        "desired_revision": revision,
+        "desired": desired,
+    }))
+    .into_response())
 }
 
 async fn site(_caller: Auth<Viewer>, State(app): State<AppState>) -> Result<Response, ApiError> {

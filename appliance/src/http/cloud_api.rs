@@ -151,6 +151,7 @@ where
         .route("/api/v1/depots/{name}/revoke", post(revoke))
         .route("/api/v1/enroll-tokens", post(mint_token))
         .route("/api/v1/audit", get(audit_log))
+        .route("/api/v1/ca", get(ca_certificate))
 }
 
 fn depot_json(app: &CloudApp, d: &atlasmesh_cloud_sync::DepotRow) -> Value {
@@ -375,6 +376,12 @@ async fn mint_token(
     Ok(Json(json!({
         "depot": body.depot, "token": token.to_string(), "expires_ms": expires,
     })))
+}
+
+/// The fleet CA certificate (PEM) and its SHA-256, which enrolment tokens pin: for standard
+/// gRPC tools that need to trust the cloud's port.
+async fn ca_certificate(_: Viewer, State(app): State<CloudApp>) -> Json<Value> {
+    Json(json!({ "certificate_pem": app.ca.cert_pem(), "sha256": app.ca.fingerprint() }))
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,562 @@
+//! Cloud federation end to end: the real `atlasmesh cloud` and `atlasmesh depot` binaries over
+//! real gRPC with mutual TLS; an independent gRPC client (grpcio, with message types from the
+//! server's reflection); two cloud instances on one real PostgreSQL.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use atlasmesh_tests::{Mode, Options, Server, atlasmesh, free_port, http, python_peer, run};
+use serde_json::{Value, json};
+
+/// Polls `check` until it returns `Some` or `limit` passes.
+fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Cloud {
+    server: Server,
+    data_dir: PathBuf,
+    http_port: u16,
+    grpc_port: u16,
+    database_url: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Cloud {
+    fn start(data_dir: &Path, database_url: Option<&str>, env: &[(&str, &str)]) -> Result<Cloud> {
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let server = Self::spawn(data_dir, database_url, http_port, grpc_port, &env)?;
+        Ok(Cloud {
+            server,
+            data_dir: data_dir.to_owned(),
+            http_port,
+            grpc_port,
+            database_url: database_url.map(str::to_owned),
+            env,
+        })
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        http_port: u16,
+        grpc_port: u16,
+        env: &[(String, String)],
+    ) -> Result<Server> {
+        let mut args = vec![
+            "--http".to_owned(),
+            format!("127.0.0.1:{http_port}"),
+            "--grpc".to_owned(),
+            format!("127.0.0.1:{grpc_port}"),
+        ];
+        if let Some(url) = database_url {
+            args.extend(["--database-url".to_owned(), url.to_owned()]);
+        }
+        let mut env = env.to_vec();
+        env.push(("ATLASMESH_CLOUD__POLL_INTERVAL".into(), "500ms".into()));
+        Server::start(Options {
+            mode: Mode::Cloud,
+            data_dir: Some(data_dir.to_owned()),
+            env,
+            args,
+        })
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        self.server = Self::spawn(
+            &self.data_dir,
+            self.database_url.as_deref(),
+            self.http_port,
+            self.grpc_port,
+            &self.env,
+        )?;
+        Ok(())
+    }
+
+    fn grpc_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Runs `atlasmesh cloud <args> --data-dir ... [--database-url ...]`; returns stdout.
+    fn tool(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = atlasmesh();
+        cmd.arg("cloud")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir);
+        if let Some(url) = &self.database_url {
+            cmd.args(["--database-url", url]);
+        }
+        let (status, stdout, stderr) = run(&mut cmd)?;
+        if !status.success() {
+            bail!("atlasmesh cloud {args:?} failed: {stderr}");
+        }
+        Ok(stdout.trim().to_owned())
+    }
+
+    fn enroll_token(&self, depot: &str) -> String {
+        self.tool(&["enroll-token", "--depot", depot])
+            .expect("minting an enrolment token")
+    }
+
+    fn api_token(&self) -> String {
+        self.tool(&["token", "--role", "admin", "--name", "test"])
+            .expect("minting an API token")
+    }
+
+    fn get(&self, token: &str, path: &str) -> Value {
+        let response = http()
+            .get(self.server.url(path))
+            .bearer_auth(token)
+            .send()
+            .expect("cloud API request");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().expect("JSON")
+    }
+}
+
+fn start_depot(data_dir: &Path, cloud_url: &str, token: Option<&str>) -> Result<Server> {
+    let mut args = vec!["--cloud".to_owned(), cloud_url.to_owned()];
+    if let Some(token) = token {
+        args.extend(["--enroll-token".to_owned(), token.to_owned()]);
+    }
+    Server::start(Options {
+        mode: Mode::Depot,
+        data_dir: Some(data_dir.to_owned()),
+        env: vec![
+            ("ATLASMESH_CLOUD_LINK__REPORT_INTERVAL".into(), "1s".into()),
+            ("ATLASMESH_DISKS__ENABLED".into(), "false".into()),
+        ],
+        args,
+    })
+}
+
+fn depot_get(depot: &Server, token: &str, path: &str) -> Value {
+    http()
+        .get(depot.url(path))
+        .bearer_auth(token)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// The depot's cloud link once it reaches `state`.
+fn link_reaches(depot: &Server, token: &str, state: &str) -> Value {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("the cloud link to be {state}"),
+        || {
+            let v = depot_get(depot, token, "/api/v1/cloud");
+            (v["link"]["state"] == state).then_some(v)
+        },
+    )
+}
+
+#[test]
+fn a_depot_enrols_follows_desired_state_and_loses_no_event_while_the_cloud_is_down() -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let mut cloud = Cloud::start(&temp.path().join("cloud"), None, &[])?;
+    let api = cloud.api_token();
+    let token = cloud.enroll_token("north");
+    let depot_dir = temp.path().join("depot");
+    let mut depot = start_depot(&depot_dir, &cloud.grpc_url(), Some(&token))?;
+    let local = depot.token("admin");
+
+    let link = link_reaches(&depot, &local, "online");
+    assert_eq!(link["link"]["depot_name"], "north");
+    let creds = depot_dir.join("cloud/credentials.json");
+    assert_eq!(
+        std::fs::metadata(&creds)?.permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!std::fs::read_to_string(&creds)?.contains(token.split('.').next().unwrap()));
+    let seen = wait_for(Duration::from_secs(30), "the depot's first report", || {
+        let d = cloud.get(&api, "/api/v1/depots/north");
+        (d["online"] == true && d["reported"].as_array().is_some_and(|r| !r.is_empty()))
+            .then_some(d)
+    });
+    assert_eq!(seen["software_version"], env!("CARGO_PKG_VERSION"));
+
+    // Desired state from the fleet: stored, applied, acknowledged, and reported back.
+    let put = http()
+        .put(cloud.server.url("/api/v1/depots/north/desired/site-limit"))
+        .bearer_auth(&api)
+        .json(&json!({ "limit_kw": 77.5 }))
+        .send()?;
+    assert_eq!(put.status(), 200, "{}", put.text()?);
+    wait_for(
+        Duration::from_secs(30),
+        "the site limit to reach the depot",
+        || {
+            let site = depot_get(&depot, &local, "/api/v1/charging/site");
+            (site["limit_kw"] == 77.5 && site["limit_source"] == "cloud").then_some(())
+        },
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the acknowledgement and report",
+        || {
+            let d = cloud.get(&api, "/api/v1/depots/north");
+            let reported = d["reported"]
+                .as_array()?
+                .iter()
+                .find(|r| r["kind"] == "site_limit")?
+                .clone();
+            (d["acked_revision"] == d["desired_revision"]
+                && reported["observed_generation"] == 1
+                && reported["json"]["limit_kw"] == 77.5)
+                .then_some(())
+        },
+    );
+    // An invalid value never leaves the cloud.
+    let bad = http()
+        .put(cloud.server.url("/api/v1/depots/north/desired/site-limit"))
+        .bearer_auth(&api)
+        .json(&json!({ "limit_kw": -5 }))
+        .send()?;
+    assert_eq!(bad.status(), 422);
+
+    // The cloud goes away hard; the depot works on and keeps what happens.
+    cloud.server.kill9()?;
+    for i in 0..5 {
+        let created = http()
+            .post(depot.url("/api/v1/tokens"))
+            .bearer_auth(&local)
+            .json(&json!({ "name": format!("offline-{i}"), "role": "viewer" }))
+            .send()?;
+        assert_eq!(created.status(), 201, "{}", created.text()?);
+    }
+    let offline = link_reaches(&depot, &local, "offline");
+    assert!(
+        offline["outbox"]["pending"].as_u64().unwrap() >= 5,
+        "{offline}"
+    );
+    let site = depot_get(&depot, &local, "/api/v1/charging/site");
+    assert_eq!(
+        site["limit_kw"], 77.5,
+        "the last known desired state holds offline"
+    );
+
+    // Back: every event arrives, once, in order.
+    cloud.restart()?;
+    link_reaches(&depot, &local, "online");
+    let events = wait_for(Duration::from_secs(60), "the offline events", || {
+        let events = cloud.get(&api, "/api/v1/depots/north/events?limit=1000")["events"]
+            .as_array()?
+            .clone();
+        let offline = events
+            .iter()
+            .filter(|e| {
+                e["json"]["action"] == "token.create"
+                    && e["json"]["target"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("offline-"))
+            })
+            .count();
+        (offline == 5).then_some(events)
+    });
+    let mut ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let sequences: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence"].as_u64().unwrap())
+        .collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), events.len(), "no event stored twice");
+    wait_for(Duration::from_secs(30), "the outbox to drain", || {
+        (depot_get(&depot, &local, "/api/v1/cloud")["outbox"]["pending"] == 0).then_some(())
+    });
+
+    // Removing the override gives the depot back its own setting.
+    let removed = http()
+        .delete(cloud.server.url("/api/v1/depots/north/desired/site-limit"))
+        .bearer_auth(&api)
+        .send()?;
+    assert_eq!(removed.status(), 200);
+    wait_for(Duration::from_secs(30), "the override to go", || {
+        (depot_get(&depot, &local, "/api/v1/charging/site")["limit_source"] == "config")
+            .then_some(())
+    });
+
+    // A restarted depot resumes with its stored identity; the spent token is not needed.
+    depot.terminate()?;
+    let depot = start_depot(&depot_dir, &cloud.grpc_url(), None)?;
+    link_reaches(&depot, &local, "online");
+
+    // The token was spent: another machine cannot use it.
+    let thief = start_depot(&temp.path().join("thief"), &cloud.grpc_url(), Some(&token))?;
+    let thief_token = thief.token("admin");
+    let refused = link_reaches(&thief, &thief_token, "not_enrolled");
+    assert!(
+        refused["link"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{refused}"
+    );
+
+    // Revoked: the next session is refused and the depot says why.
+    cloud.tool(&["revoke", "--depot", "north"])?;
+    let revoked = link_reaches(&depot, &local, "offline");
+    wait_for(Duration::from_secs(30), "the revocation to show", || {
+        let v = depot_get(&depot, &local, "/api/v1/cloud");
+        v["link"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("revoked"))
+            .then_some(())
+    });
+    assert!(
+        cloud.get(&api, "/api/v1/depots/north")["revoked_ms"].is_i64(),
+        "{revoked}"
+    );
+    let audit = cloud.get(&api, "/api/v1/audit?limit=100");
+    let actions: Vec<&str> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "depot.enroll_token",
+        "depot.enrolled",
+        "desired.set",
+        "desired.remove",
+        "depot.revoke",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_fleet_api_needs_a_role_for_every_route() -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let cloud = Cloud::start(&temp.path().join("cloud"), None, &[])?;
+    let viewer = cloud.tool(&["token", "--role", "viewer", "--name", "v"])?;
+    let none = http().get(cloud.server.url("/api/v1/depots")).send()?;
+    assert_eq!(none.status(), 401);
+    let wrong = http()
+        .get(cloud.server.url("/api/v1/depots"))
+        .bearer_auth("nope")
+        .send()?;
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(
+        http()
+            .get(cloud.server.url("/api/v1/depots"))
+            .bearer_auth(&viewer)
+            .send()?
+            .status(),
+        200
+    );
+    let denied = http()
+        .post(cloud.server.url("/api/v1/enroll-tokens"))
+        .bearer_auth(&viewer)
+        .json(&json!({ "depot": "x" }))
+        .send()?;
+    assert_eq!(denied.status(), 403);
+    let admin = cloud.api_token();
+    let malformed = http()
+        .post(cloud.server.url("/api/v1/enroll-tokens"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body("{\"depot\": ")
+        .send()?;
+    assert_eq!(malformed.status(), 400);
+    let bad_name = http()
+        .post(cloud.server.url("/api/v1/enroll-tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({ "depot": "two words" }))
+        .send()?;
+    assert_eq!(bad_name.status(), 422);
+    let unknown = http()
+        .put(cloud.server.url("/api/v1/depots/nowhere/desired/tariff"))
+        .bearer_auth(&admin)
+        .json(&json!({ "prices_per_kwh": vec![0.1; 96] }))
+        .send()?;
+    assert_eq!(unknown.status(), 404);
+    Ok(())
+}
+
+#[test]
+fn an_independent_grpc_client_enrols_and_syncs_through_reflection() -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let cloud = Cloud::start(&temp.path().join("cloud"), None, &[])?;
+    let api = cloud.api_token();
+    let ca = cloud.get(&api, "/api/v1/ca");
+    let ca_file = temp.path().join("ca.pem");
+    std::fs::write(&ca_file, ca["certificate_pem"].as_str().unwrap())?;
+    let token = cloud.enroll_token("py-depot");
+    assert!(
+        token.ends_with(ca["sha256"].as_str().unwrap()),
+        "the token pins the CA"
+    );
+    let (status, stdout, stderr) = run(python_peer("grpc_depot.py")
+        .args(["--target", &format!("127.0.0.1:{}", cloud.grpc_port)])
+        .arg("--ca")
+        .arg(&ca_file)
+        .args(["--token", &token]))?;
+    assert!(status.success(), "the peer failed: {stderr}");
+    let out: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(
+        out["health"]["atlasmesh.sync.v1.DepotSync"], "SERVING",
+        "{out}"
+    );
+    assert_eq!(out["health"]["atlasmesh.sync.v1.Enrollment"], "SERVING");
+    assert_eq!(out["health_unknown"], "NOT_FOUND");
+    for service in [
+        "atlasmesh.sync.v1.DepotSync",
+        "atlasmesh.sync.v1.Enrollment",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            out["services"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(service)),
+            "{out}"
+        );
+    }
+    assert_eq!(out["wrong_token"][0], "UNAUTHENTICATED");
+    assert_eq!(out["bad_csr"][0], "INVALID_ARGUMENT");
+    assert_eq!(out["enrolled"]["depot_name"], "py-depot");
+    assert_eq!(out["enrolled"]["cn"], out["enrolled"]["depot_id"]);
+    assert_eq!(out["enrolled"]["same_key"], true);
+    assert_eq!(out["reused_token"][0], "UNAUTHENTICATED");
+    assert!(
+        out["reused_token"][1]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+    assert_eq!(
+        out["session"],
+        json!(["welcome", "events_ack:2", "events_ack:2"])
+    );
+    assert_eq!(out["no_client_cert"], "UNAUTHENTICATED");
+    let events = cloud.get(&api, "/api/v1/depots/py-depot/events");
+    assert_eq!(events["events"].as_array().unwrap().len(), 2, "{events}");
+    Ok(())
+}
+
+/// The admin URL of the PostgreSQL that `tests/run` starts.
+fn postgres_admin_url() -> String {
+    std::env::var("ATLASMESH_TEST_POSTGRES_URL").expect(
+        "ATLASMESH_TEST_POSTGRES_URL is unset: run tests/run, which starts PostgreSQL for the tests",
+    )
+}
+
+fn fresh_postgres_database() -> Result<String> {
+    let admin = postgres_admin_url();
+    let name = format!("atlasmesh_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+    let (status, _, stderr) = run(std::process::Command::new("psql").arg(&admin).args([
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        &format!("CREATE DATABASE {name}"),
+    ]))?;
+    if !status.success() {
+        bail!("creating database {name}: {stderr}");
+    }
+    let (base, query) = admin
+        .split_once('?')
+        .map_or((admin.as_str(), ""), |(b, q)| (b, q));
+    let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+    Ok(if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    })
+}
+
+#[test]
+fn two_cloud_instances_share_one_postgresql_and_renew_depot_certificates() -> Result<()> {
+    let url = fresh_postgres_database()?;
+    let temp = tempfile::tempdir()?;
+    // Short certificates, so the depot renews during the test (after two thirds: 16 s).
+    let env = [("ATLASMESH_CLOUD__DEPOT_CERT_LIFETIME", "24s")];
+    let a = Cloud::start(&temp.path().join("a"), Some(&url), &env)?;
+    let b = Cloud::start(&temp.path().join("b"), Some(&url), &env)?;
+    let api = a.api_token();
+    // One CA for the fleet, whichever instance is asked.
+    assert_eq!(
+        a.get(&api, "/api/v1/ca")["sha256"],
+        b.get(&api, "/api/v1/ca")["sha256"]
+    );
+    let token = b.enroll_token("south");
+    let depot_dir = temp.path().join("depot");
+    let depot = start_depot(&depot_dir, &a.grpc_url(), Some(&token))?;
+    let local = depot.token("admin");
+    link_reaches(&depot, &local, "online");
+
+    // A change through instance B reaches the depot whose session instance A holds.
+    let tariff: Vec<f64> = (0..96).map(|q| if q < 24 { 0.08 } else { 0.3 }).collect();
+    let put = http()
+        .put(b.server.url("/api/v1/depots/south/desired/tariff"))
+        .bearer_auth(&api)
+        .json(&json!({ "prices_per_kwh": tariff }))
+        .send()?;
+    assert_eq!(put.status(), 200, "{}", put.text()?);
+    wait_for(
+        Duration::from_secs(30),
+        "the tariff to reach the depot",
+        || {
+            let site = depot_get(&depot, &local, "/api/v1/charging/site");
+            (site["tariff_source"] == "cloud" && site["tariff"][0] == 0.08).then_some(())
+        },
+    );
+    assert_eq!(b.get(&api, "/api/v1/depots/south")["acked_revision"], 1);
+
+    let first: Value =
+        serde_json::from_slice(&std::fs::read(depot_dir.join("cloud/credentials.json"))?)?;
+    let renewed = wait_for(
+        Duration::from_secs(60),
+        "the certificate to be renewed",
+        || {
+            let now: Value = serde_json::from_slice(
+                &std::fs::read(depot_dir.join("cloud/credentials.json")).ok()?,
+            )
+            .ok()?;
+            (now["certificate_pem"] != first["certificate_pem"]).then_some(now)
+        },
+    );
+    assert_ne!(
+        renewed["key_pem"], first["key_pem"],
+        "a renewal uses a fresh key"
+    );
+    link_reaches(&depot, &local, "online");
+    let audit = b.get(&api, "/api/v1/audit?limit=100");
+    assert!(
+        audit["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "depot.renewed"),
+        "{audit}"
+    );
+    Ok(())
+}
