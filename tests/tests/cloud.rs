@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use atlasmesh_tests::{Mode, Options, Server, atlasmesh, free_port, http, python_peer, run};
+use atlasmesh_tests::{
+    Mode, Options, Server, atlasmesh, free_port, http, panel_login, python_peer, run,
+};
 use serde_json::{Value, json};
 
 /// Polls `check` until it returns `Some` or `limit` passes.

@@ -214,8 +214,32 @@ pub async fn overview(user: PanelUser, State(app): State<AppState>) -> Markup {
         .unwrap_or_default();
     let snap: SystemSnapshot = app.core.system.borrow().clone();
     let mem_pct = percent(snap.memory_used_bytes, snap.memory_total_bytes);
+    let link = app.cloud_link.view();
+    let outbox = app.cloud_link.outbox().await.ok();
     let content = html! {
+        @if let Some(o) = outbox.as_ref().filter(|o| o.dropped_total > 0) {
+            div.banner.warn role="alert" data-outbox-dropped {
+                strong { "The cloud outbox dropped " (o.dropped_total) " events. " }
+                "While the link was down it reached its bound ("
+                (bytes(o.max_bytes)) " or " (duration(o.max_age_seconds)) "), so the oldest went first"
+                @if let Some(at) = o.dropped_last_at { "; the last at " (crate::audit::rfc3339(at)) }
+                ". The cloud has everything newer."
+            }
+        }
         section.cards {
+            @if link.state != "off" {
+                div.card data-cloud-link {
+                    h2 { "Cloud link" }
+                    p.big { (link.state) }
+                    dl {
+                        @if let Some(url) = &link.cloud_url { dt { "Cloud" } dd { code { (url) } } }
+                        @if let Some(name) = &link.depot_name { dt { "Enrolled as" } dd { (name) } }
+                        @if let Some(since) = link.since_ms { dt { "Since" } dd { (crate::audit::rfc3339(since)) } }
+                        @if let Some(o) = &outbox { dt { "Events waiting" } dd { (o.pending) } }
+                    }
+                    @if let Some(e) = &link.error { p.muted { (e) } }
+                }
+            }
             div.card {
                 h2 { "Depot" }
                 p.big { (app.depot_name) }
