@@ -259,6 +259,16 @@ fn a_depot_enrols_follows_desired_state_and_loses_no_event_while_the_cloud_is_do
         site["limit_kw"], 77.5,
         "the last known desired state holds offline"
     );
+    let (panel, _) = panel_login(&depot, "admin", &depot.admin_password())?;
+    let overview = panel.get(depot.url("/")).send()?.text()?;
+    let card = overview
+        .split("data-cloud-link")
+        .nth(1)
+        .expect("a cloud link card");
+    assert!(
+        card.contains("offline") && card.contains("Events waiting"),
+        "{card}"
+    );
 
     // Back: every event arrives, once, in order.
     cloud.restart()?;
