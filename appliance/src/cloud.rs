@@ -160,15 +160,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics,
         config.http.max_body_bytes,
     );
+    // The fleet API carries bearer tokens: HTTPS as on the depot when `[tls]` is enabled
+    // (otherwise behind the data centre's TLS-terminating proxy).
+    let http_tls = crate::tls::acceptor(&config.tls, &config.data_dir, &names)?;
     let addr = listener.local_addr()?;
-    tracing::info!(addr = %addr, grpc = %grpc_addr, scheme = "http", database = store.backend(), ca_sha256 = %ca.fingerprint(), data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "listening");
+    tracing::info!(addr = %addr, grpc = %grpc_addr, scheme = if http_tls.is_some() { "https" } else { "http" }, database = store.backend(), ca_sha256 = %ca.fingerprint(), data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "listening");
     let options = ServeOptions {
         header_read_timeout: config.http.header_read_timeout,
         shutdown_grace: config.http.shutdown_grace,
         bulk_prefixes: &[],
         bulk_direct: None,
     };
-    serve(listener, None, router, options, shutdown).await;
+    serve(listener, http_tls, router, options, shutdown).await;
     let _ = grpc.await;
     store.close().await;
     drop(lock);

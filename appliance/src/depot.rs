@@ -227,6 +227,7 @@ async fn run_locked(
             charging: charging.clone(),
             depot_name: config.depot.name.clone(),
             local_id: prepared.depot_id.clone(),
+            alarms: vec![disks.alarm()],
         },
         &mut registry,
         shutdown.clone(),

@@ -199,6 +199,10 @@ fn a_depot_enrols_follows_desired_state_and_loses_no_event_while_the_cloud_is_do
             .then_some(d)
     });
     assert_eq!(seen["software_version"], env!("CARGO_PKG_VERSION"));
+    let listed = cloud.get(&api, "/api/v1/depots");
+    let summary = &listed["depots"][0]["summary"];
+    assert_eq!(summary["health"], "healthy", "{listed}");
+    assert_eq!(summary["version"], env!("CARGO_PKG_VERSION"));
 
     // Desired state from the fleet: stored, applied, acknowledged, and reported back.
     let put = http()
@@ -569,6 +573,28 @@ fn two_cloud_instances_share_one_postgresql_and_renew_depot_certificates() -> Re
             .iter()
             .any(|r| r["action"] == "depot.renewed"),
         "{audit}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_fleet_api_serves_https_when_tls_is_on() -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let cloud = Cloud::start(
+        &temp.path().join("cloud"),
+        None,
+        &[("ATLASMESH_TLS__ENABLED", "true")],
+    )?;
+    assert_eq!(cloud.server.scheme, "https");
+    let api = cloud.api_token();
+    assert_eq!(cloud.get(&api, "/api/v1/depots")["depots"], json!([]));
+    let plain = http()
+        .get(format!("http://{}/api/v1/depots", cloud.server.addr))
+        .bearer_auth(&api)
+        .send();
+    assert!(
+        plain.is_err() || !plain?.status().is_success(),
+        "no plain HTTP beside HTTPS"
     );
     Ok(())
 }

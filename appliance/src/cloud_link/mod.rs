@@ -97,6 +97,8 @@ pub struct Reporter {
     pub charging: Arc<crate::charging::Charging>,
     pub depot_name: String,
     pub local_id: String,
+    /// The same alarms that make `/health` degraded (a failing store disk, say).
+    pub alarms: Vec<watch::Receiver<Option<String>>>,
 }
 
 impl CloudLink {
@@ -520,12 +522,19 @@ impl Reporter {
                 .map_or(0, |d| d.generation.max(0) as u64)
         };
         let json = |v: serde_json::Value| v.to_string();
+        let reasons: Vec<String> = self
+            .alarms
+            .iter()
+            .filter_map(|a| a.borrow().clone())
+            .collect();
         let mut out = Vec::new();
         out.push(Reported {
             kind: "depot".into(),
             key: "self".into(),
             observed_generation: 0,
             json: json(serde_json::json!({
+                "health": if reasons.is_empty() { "healthy" } else { "degraded" },
+                "reasons": reasons,
                 "name": self.depot_name,
                 "local_id": self.local_id,
                 "version": env!("CARGO_PKG_VERSION"),
