@@ -16,6 +16,7 @@ use crate::cli::CloudCommand;
 use crate::config::Config;
 use crate::datadir::DataDirLock;
 use crate::http::cloud_api::{self, CloudApp};
+use crate::http::cloud_panel::{self, PanelTls};
 use crate::http::server::{ServeOptions, serve};
 use crate::http::{Core, Database, Mode, probe_routes, timeout, with_common_layers};
 use crate::metrics::CoreMetrics;
@@ -29,6 +30,13 @@ use atlasmesh_cloud_sync::token::hash_secret;
 struct CloudState {
     core: Core,
     app: CloudApp,
+    tls: PanelTls,
+}
+
+impl FromRef<CloudState> for PanelTls {
+    fn from_ref(s: &CloudState) -> PanelTls {
+        s.tls
+    }
 }
 
 impl FromRef<CloudState> for Core {
@@ -152,17 +160,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // A live session touches the store every poll; three missed polls and it is gone.
         online_within: (config.cloud.poll_interval * 3).max(Duration::from_secs(10)),
     };
-    let router = with_common_layers(
-        probe_routes::<CloudState>()
-            .merge(cloud_api::routes::<CloudState>())
-            .layer(timeout(config.http.request_timeout))
-            .with_state(CloudState { core, app }),
-        metrics,
-        config.http.max_body_bytes,
-    );
     // The fleet API carries bearer tokens: HTTPS as on the depot when `[tls]` is enabled
     // (otherwise behind the data centre's TLS-terminating proxy).
     let http_tls = crate::tls::acceptor(&config.tls, &config.data_dir, &names)?;
+    let tls = PanelTls(http_tls.is_some());
+    let router = with_common_layers(
+        probe_routes::<CloudState>()
+            .merge(cloud_api::routes::<CloudState>())
+            .merge(cloud_panel::routes::<CloudState>())
+            .layer(timeout(config.http.request_timeout))
+            .with_state(CloudState { core, app, tls }),
+        metrics,
+        config.http.max_body_bytes,
+    );
     let addr = listener.local_addr()?;
     tracing::info!(addr = %addr, grpc = %grpc_addr, scheme = if http_tls.is_some() { "https" } else { "http" }, database = store.backend(), ca_sha256 = %ca.fingerprint(), data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "listening");
     let options = ServeOptions {

@@ -203,6 +203,17 @@ fn a_depot_enrols_follows_desired_state_and_loses_no_event_while_the_cloud_is_do
     let summary = &listed["depots"][0]["summary"];
     assert_eq!(summary["health"], "healthy", "{listed}");
     assert_eq!(summary["version"], env!("CARGO_PKG_VERSION"));
+    let fleet_panel = atlasmesh_tests::http_with_cookies();
+    fleet_panel
+        .post(cloud.server.url("/login"))
+        .form(&[("token", api.as_str())])
+        .send()?;
+    let page = fleet_panel.get(cloud.server.url("/")).send()?.text()?;
+    let row = page
+        .split("data-depot=\"north\"")
+        .nth(1)
+        .expect("north on the fleet panel");
+    assert!(row.contains("online") && row.contains("healthy"), "{row}");
 
     // Desired state from the fleet: stored, applied, acknowledged, and reported back.
     let put = http()
@@ -596,5 +607,41 @@ fn the_fleet_api_serves_https_when_tls_is_on() -> Result<()> {
         plain.is_err() || !plain?.status().is_success(),
         "no plain HTTP beside HTTPS"
     );
+    Ok(())
+}
+
+#[test]
+fn the_fleet_panel_lists_depots_after_sign_in_with_a_fleet_token() -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let cloud = Cloud::start(&temp.path().join("cloud"), None, &[])?;
+    let viewer = cloud.tool(&["token", "--role", "viewer", "--name", "panel"])?;
+    cloud.enroll_token("east");
+    let browser = atlasmesh_tests::http_with_cookies();
+    let first = browser.get(cloud.server.url("/")).send()?;
+    assert_eq!(first.status(), 303, "signed out: to the sign-in page");
+    let refused = browser
+        .post(cloud.server.url("/login"))
+        .form(&[("token", "0123abcd")])
+        .send()?;
+    assert_eq!(refused.status(), 401);
+    let signed_in = browser
+        .post(cloud.server.url("/login"))
+        .form(&[("token", viewer.as_str())])
+        .send()?;
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in.headers()["set-cookie"].to_str()?.to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let page = browser.get(cloud.server.url("/")).send()?.text()?;
+    let row = page
+        .split("data-depot=\"east\"")
+        .nth(1)
+        .expect("a row for the depot");
+    assert!(row.contains("not enrolled"), "{row}");
+    let out = browser.post(cloud.server.url("/logout")).send()?;
+    assert_eq!(out.status(), 303);
+    assert_eq!(browser.get(cloud.server.url("/")).send()?.status(), 303);
     Ok(())
 }

@@ -64,6 +64,10 @@ impl CloudApp {
     fn now(&self) -> i64 {
         (self.clock)()
     }
+
+    pub fn now_ms(&self) -> i64 {
+        self.now()
+    }
 }
 
 /// A caller with at least role `R` (a const generic over the role's rank).

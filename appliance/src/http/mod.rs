@@ -9,6 +9,7 @@ pub mod api;
 pub mod authn;
 pub mod charging_api;
 pub mod cloud_api;
+pub mod cloud_panel;
 pub mod disks_api;
 pub mod error;
 pub mod fastpath;

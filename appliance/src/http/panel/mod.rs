@@ -6,7 +6,7 @@
 //! changes something carries the session's CSRF token; the login form, which has no session
 //! yet, uses a double-submit token instead.
 
-mod assets;
+pub(crate) mod assets;
 mod pages;
 
 use std::convert::Infallible;
