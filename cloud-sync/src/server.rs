@@ -100,6 +100,32 @@ impl CloudService {
         }
     }
 
+    /// Signs the depot's CSR and records the certificate (`supersede` on enrolment revokes the
+    /// depot's earlier ones).
+    async fn issue(
+        &self,
+        depot: &DepotRow,
+        csr_pem: &str,
+        now: i64,
+        supersede: bool,
+        version: &str,
+    ) -> Result<pki::Issued, Status> {
+        let issued = self
+            .ca
+            .sign_depot(
+                csr_pem,
+                &depot.id,
+                &depot.name,
+                self.options.depot_cert_lifetime,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.store
+            .record_cert(&depot.id, &issued, now, supersede, version)
+            .await
+            .map_err(internal)?;
+        Ok(issued)
+    }
+
     fn enroll_response(&self, depot: &DepotRow, issued: &pki::Issued) -> pb::EnrollResponse {
         pb::EnrollResponse {
             depot_id: depot.id.clone(),
@@ -158,18 +184,8 @@ impl pb::enrollment_server::Enrollment for CloudService {
             }
         };
         let issued = self
-            .ca
-            .sign_depot(
-                &req.csr_pem,
-                &depot.id,
-                &depot.name,
-                self.options.depot_cert_lifetime,
-            )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.store
-            .record_cert(&depot.id, &issued, now, true, &req.software_version)
-            .await
-            .map_err(internal)?;
+            .issue(&depot, &req.csr_pem, now, true, &req.software_version)
+            .await?;
         tracing::info!(depot = %depot.name, depot_id = %depot.id, serial = %issued.serial, "depot enrolled");
         Ok(Response::new(self.enroll_response(&depot, &issued)))
     }
@@ -181,18 +197,8 @@ impl pb::enrollment_server::Enrollment for CloudService {
         let (depot, _) = self.caller(&request).await?;
         let req = request.into_inner();
         let issued = self
-            .ca
-            .sign_depot(
-                &req.csr_pem,
-                &depot.id,
-                &depot.name,
-                self.options.depot_cert_lifetime,
-            )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.store
-            .record_cert(&depot.id, &issued, self.now(), false, "")
-            .await
-            .map_err(internal)?;
+            .issue(&depot, &req.csr_pem, self.now(), false, "")
+            .await?;
         tracing::info!(depot = %depot.name, serial = %issued.serial, "depot certificate renewed");
         Ok(Response::new(self.enroll_response(&depot, &issued)))
     }

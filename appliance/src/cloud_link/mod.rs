@@ -85,7 +85,6 @@ pub struct CloudLink {
     data_dir: PathBuf,
     clock: Arc<dyn Clock>,
     view: watch::Sender<LinkView>,
-    charging: Arc<crate::charging::Charging>,
     reporter: Reporter,
     metrics: Metrics,
 }
@@ -135,7 +134,6 @@ impl CloudLink {
         );
         let (view, _) = watch::channel(LinkView::off());
         let link = Arc::new(Self {
-            charging: reporter.charging.clone(),
             store,
             config,
             data_dir,
@@ -205,18 +203,13 @@ impl CloudLink {
         };
         let mut creds = match (stored, &self.config.url) {
             (None, None) => return,
-            (Some(mut creds), url) => {
-                // The cloud may move; the identity stays.
-                if let Some(url) = url {
-                    creds.cloud_url = url.clone();
-                }
-                creds
-            }
+            (Some(creds), _) => creds,
             (None, Some(url)) => match self.enroll(url, &shutdown).await {
                 Some(creds) => creds,
                 None => return,
             },
         };
+        // The cloud may move; the identity stays.
         creds.cloud_url = self.config.url.clone().unwrap_or(creds.cloud_url);
         self.set_view(|v| {
             v.cloud_url = Some(creds.cloud_url.clone());
@@ -420,7 +413,7 @@ impl DepotSide for Side {
             .await
             .map_err(text)?;
         // Site limit and tariff overrides take effect on the next plan.
-        self.0.charging.replan();
+        self.0.reporter.charging.replan();
         Ok(())
     }
 

@@ -65,8 +65,22 @@ impl CloudApp {
         (self.clock)()
     }
 
-    pub fn now_ms(&self) -> i64 {
-        self.now()
+    /// Whether the depot's session touched the store recently (and it is not revoked).
+    pub fn is_online(&self, d: &atlasmesh_cloud_sync::DepotRow) -> bool {
+        d.revoked_ms.is_none()
+            && d.last_seen_ms
+                .is_some_and(|seen| self.now() - seen <= self.online_within.as_millis() as i64)
+    }
+
+    /// The depot's own summary (health, version, counts) from its latest report.
+    pub async fn summary(&self, depot_id: &str) -> Result<Value, CloudStoreError> {
+        Ok(self
+            .store
+            .reported_of(depot_id)
+            .await?
+            .into_iter()
+            .find(|r| r.kind == "depot")
+            .map_or(Value::Null, |r| r.json))
     }
 }
 
@@ -159,11 +173,8 @@ where
 }
 
 fn depot_json(app: &CloudApp, d: &atlasmesh_cloud_sync::DepotRow) -> Value {
-    let online = d.revoked_ms.is_none()
-        && d.last_seen_ms
-            .is_some_and(|seen| app.now() - seen <= app.online_within.as_millis() as i64);
     let mut v = serde_json::to_value(d).unwrap_or_default();
-    v["online"] = json!(online);
+    v["online"] = json!(app.is_online(d));
     v["in_sync"] = json!(d.acked_revision >= d.desired_revision);
     v
 }
@@ -173,12 +184,7 @@ async fn list_depots(_: Viewer, State(app): State<CloudApp>) -> Result<Json<Valu
     let mut out = Vec::with_capacity(depots.len());
     for d in &depots {
         let mut v = depot_json(&app, d);
-        // The depot's own summary (version, counts) from its latest report.
-        let reported = app.store.reported_of(&d.id).await.map_err(store_error)?;
-        v["summary"] = reported
-            .into_iter()
-            .find(|r| r.kind == "depot")
-            .map_or(Value::Null, |r| r.json);
+        v["summary"] = app.summary(&d.id).await.map_err(store_error)?;
         out.push(v);
     }
     Ok(Json(json!({ "depots": out })))

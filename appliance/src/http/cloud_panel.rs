@@ -84,17 +84,12 @@ async fn depots(State(app): State<CloudApp>, headers: HeaderMap) -> Response {
         Ok(d) => d,
         Err(e) => return super::error::ApiError::internal(e).into_response(),
     };
-    let now = app.now_ms();
     let mut rows = Vec::with_capacity(depots.len());
     for d in depots {
-        let summary = app
-            .store
-            .reported_of(&d.id)
-            .await
-            .ok()
-            .and_then(|r| r.into_iter().find(|r| r.kind == "depot"))
-            .map(|r| r.json);
-        rows.push((d, summary));
+        // A depot that never reported shows its health as unknown rather than failing the page.
+        let summary = app.summary(&d.id).await.ok().filter(|s| !s.is_null());
+        let online = app.is_online(&d);
+        rows.push((d, summary, online));
     }
     let body = html! {
         @if rows.is_empty() {
@@ -107,15 +102,14 @@ async fn depots(State(app): State<CloudApp>, headers: HeaderMap) -> Response {
                     th { "Version" } th { "Desired state" } th { "Events" }
                 } }
                 tbody {
-                    @for (d, summary) in &rows {
-                        @let online = d.revoked_ms.is_none() && d.last_seen_ms.is_some_and(|s| now - s <= app.online_within.as_millis() as i64);
+                    @for (d, summary, online) in &rows {
                         @let health = summary.as_ref().and_then(|s| s["health"].as_str()).unwrap_or("unknown");
                         tr data-depot=(d.name) {
                             td { strong { (d.name) } br; code.muted { (d.id) } }
                             td {
                                 @if d.revoked_ms.is_some() { span.pill.crit { "revoked" } }
                                 @else if d.enrolled_ms.is_none() { span.pill.idle { "not enrolled" } }
-                                @else if online { span.pill.ok { "online" } }
+                                @else if *online { span.pill.ok { "online" } }
                                 @else { span.pill.warn { "offline" } }
                             }
                             td { @if let Some(s) = d.last_seen_ms { (crate::audit::rfc3339(s)) } @else { "never" } }
