@@ -477,6 +477,22 @@ pub enum CloudCommand {
     Revoke(CloudDepotArgs),
     /// Create a fleet API token and print it once (only its hash is stored).
     Token(CloudTokenArgs),
+    /// Set up the image repository: pin the fleet root and take the online keys (snapshot,
+    /// timestamp, certifier) from a keys directory; root and targets keys stay offline.
+    Repository(CloudRepositoryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CloudRepositoryArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The fleet's image repository root (TUF root metadata) to trust.
+    #[arg(long, value_name = "FILE")]
+    pub root: PathBuf,
+    /// Release engineering's keys directory; snapshot.pem, timestamp.pem and certifier.pem
+    /// are copied (0600), nothing else.
+    #[arg(long, value_name = "DIR")]
+    pub keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -25,6 +25,7 @@ use atlasmesh_cloud_sync::CloudStore;
 use atlasmesh_cloud_sync::pki::Ca;
 use atlasmesh_cloud_sync::server::{self, CloudService, ServerTls, ServiceOptions};
 use atlasmesh_cloud_sync::token::hash_secret;
+use atlasmesh_ota_staging::online::OnlineExpiries;
 
 #[derive(Clone)]
 struct CloudState {
@@ -124,10 +125,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         clock.clone(),
     );
+    let repository = crate::cloud_repo::Repository::open(
+        &config.data_dir,
+        OnlineExpiries {
+            snapshot: config.cloud.snapshot_lifetime,
+            timestamp: config.cloud.timestamp_lifetime,
+        },
+        Arc::new(atlasmesh_ota_staging::time::SystemClock),
+    )?;
+    repository.spawn_refresh(shutdown.clone());
+    let service = service.with_trust(repository.clone());
+    let repository_routes = crate::cloud_repo::routes(repository.clone(), service.clone());
     let grpc_addr = grpc_listener.local_addr()?;
     let grpc_shutdown = shutdown.clone();
     let grpc = tokio::spawn(async move {
-        if let Err(e) = server::serve(grpc_listener, tls, service, grpc_shutdown.clone()).await {
+        if let Err(e) = server::serve(
+            grpc_listener,
+            tls,
+            service,
+            repository_routes,
+            grpc_shutdown.clone(),
+        )
+        .await
+        {
             tracing::error!(error = %e, "the gRPC server failed; stopping");
             grpc_shutdown.cancel();
         }
@@ -157,6 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ca: ca.clone(),
         clock,
         enroll_token_lifetime: config.cloud.enroll_token_lifetime,
+        repository,
         // A live session touches the store every poll; three missed polls and it is gone.
         online_within: (config.cloud.poll_interval * 3).max(Duration::from_secs(10)),
     };
@@ -169,6 +190,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .merge(cloud_api::routes::<CloudState>())
             .merge(cloud_panel::routes::<CloudState>())
             .layer(timeout(config.http.request_timeout))
+            .merge(cloud_api::long_routes::<CloudState>())
             .with_state(CloudState { core, app, tls }),
         metrics,
         config.http.max_body_bytes,
@@ -221,6 +243,20 @@ pub async fn tool(command: CloudCommand) -> anyhow::Result<u8> {
             let depot = store.revoke_depot(&args.depot, now, "cli:revoke").await?;
             store.close().await;
             eprintln!("revoked depot {:?} (id {})", depot.name, depot.id);
+            Ok(0)
+        }
+        CloudCommand::Repository(args) => {
+            let config = Config::load(&args.common.overrides())?;
+            let taken = crate::cloud_repo::Repository::setup(
+                &config.data_dir,
+                &args.root,
+                args.keys.as_deref(),
+            )?;
+            eprintln!(
+                "image repository in {}: {}; restart the cloud to use new keys",
+                config.data_dir.join("repository").display(),
+                taken.join(", ")
+            );
             Ok(0)
         }
         CloudCommand::Token(args) => {

@@ -299,6 +299,12 @@ pub struct CloudConfig {
     /// How often a sync session looks for desired changes and revocation.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How long the image repository's snapshot and timestamp, signed online by the cloud,
+    /// stay valid; the timestamp is re-signed when half its life is left.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timestamp_lifetime: Duration,
 }
 
 impl Default for CloudConfig {
@@ -311,6 +317,8 @@ impl Default for CloudConfig {
             depot_cert_lifetime: Duration::from_secs(30 * 24 * 3600),
             enroll_token_lifetime: Duration::from_secs(24 * 3600),
             poll_interval: Duration::from_secs(2),
+            snapshot_lifetime: Duration::from_secs(7 * 24 * 3600),
+            timestamp_lifetime: Duration::from_secs(24 * 3600),
         }
     }
 }

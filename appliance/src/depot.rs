@@ -224,6 +224,7 @@ async fn run_locked(
         clock.clone(),
         crate::cloud_link::Reporter {
             store: store.clone(),
+            ota: ota.clone(),
             charging: charging.clone(),
             depot_name: config.depot.name.clone(),
             local_id: prepared.depot_id.clone(),

@@ -28,6 +28,7 @@ pub mod charging;
 pub mod cli;
 pub mod cloud;
 pub mod cloud_link;
+pub mod cloud_repo;
 pub mod config;
 pub mod datadir;
 pub mod depot;

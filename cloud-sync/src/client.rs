@@ -342,6 +342,16 @@ pub trait DepotSide: Send + Sync + 'static {
         creds: &Credentials,
     ) -> impl Future<Output = Result<(), String>> + Send;
     fn link_state(&self, state: LinkState);
+    /// The depot's id as vehicles know it and its director's first root, for the cloud to
+    /// certify.
+    fn identity(&self) -> impl Future<Output = (String, Vec<u8>)> + Send;
+    /// The cloud's welcome carried the fleet root and the certificate of the director root
+    /// (each empty when the cloud holds none); the depot adopts what it lacks.
+    fn welcomed(
+        &self,
+        fleet_root: Vec<u8>,
+        director_certificate: Vec<u8>,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 #[derive(Clone, Debug)]
@@ -460,7 +470,10 @@ async fn session<S: DepotSide>(
         }
     };
     let status = side.outbox_status().await.map_err(ClientError::Side)?;
+    let (local_id, director_root) = side.identity().await;
     send(depot_message::Body::Hello(pb::Hello {
+        local_id,
+        director_root,
         desired_revision: side.stored_revision().await.map_err(ClientError::Side)?,
         software_version: options.software_version.clone(),
         outbox_oldest_sequence: status.oldest,
@@ -480,6 +493,8 @@ async fn session<S: DepotSide>(
     side.outbox_acked(welcome.events_acked)
         .await
         .map_err(ClientError::Side)?;
+    side.welcomed(welcome.fleet_root, welcome.director_certificate)
+        .await;
     tracing::info!(depot = %welcome.depot_name, events_acked = welcome.events_acked, "cloud link up");
     side.link_state(LinkState::Online { since_ms: clock() });
 

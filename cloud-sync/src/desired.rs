@@ -21,6 +21,25 @@ pub enum Spec {
     SiteLimit { limit_kw: f64 },
     /// A time-of-use tariff, 96 prices per kWh for the local quarter-hours from midnight.
     Tariff { prices_per_kwh: Vec<f64> },
+    /// An image to stage from the cloud's image repository; the key is `hardware/version`.
+    Release {
+        hardware_id: String,
+        version: String,
+        sha256: String,
+    },
+}
+
+/// The key a release object has: one object per image.
+pub fn release_key(hardware_id: &str, version: &str) -> String {
+    format!("{hardware_id}/{version}")
+}
+
+/// Hardware ids and versions travel in target names and URLs: a short, plain alphabet.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
 }
 
 impl Spec {
@@ -28,6 +47,7 @@ impl Spec {
         match self {
             Spec::SiteLimit { .. } => "site_limit",
             Spec::Tariff { .. } => "tariff",
+            Spec::Release { .. } => "release",
         }
     }
 
@@ -55,6 +75,29 @@ impl Spec {
                 {
                     return Err(format!(
                         "tariff.prices_per_kwh[{i}]: {p} is not a price (finite, not negative)"
+                    ));
+                }
+            }
+            Spec::Release {
+                hardware_id,
+                version,
+                sha256,
+            } => {
+                if !is_name(hardware_id) {
+                    return Err(format!(
+                        "release.hardware_id: {hardware_id:?} is not a hardware id"
+                    ));
+                }
+                if !is_name(version) {
+                    return Err(format!("release.version: {version:?} is not a version"));
+                }
+                if sha256.len() != 64
+                    || !sha256
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
+                    return Err(format!(
+                        "release.sha256: {sha256:?} is not a SHA-256 in hex"
                     ));
                 }
             }
@@ -125,7 +168,16 @@ impl DesiredRevision {
                     Some(spec)
                 }
             };
-            if !matches!(o.kind.as_str(), "site_limit" | "tariff") {
+            if let Some(Spec::Release {
+                hardware_id,
+                version,
+                ..
+            }) = &spec
+                && o.key != release_key(hardware_id, version)
+            {
+                return Err(format!("{name}: a release's key is hardware/version"));
+            }
+            if !matches!(o.kind.as_str(), "site_limit" | "tariff" | "release") {
                 return Err(format!("{name}: unknown kind"));
             }
             objects.push(DesiredObject {
@@ -152,7 +204,11 @@ fn spec_from_wire(spec: pb::desired_object::Spec) -> Result<Spec, String> {
         W::Tariff(t) => Ok(Spec::Tariff {
             prices_per_kwh: t.prices_per_kwh,
         }),
-        W::Release(_) => Err("releases to stage are not supported by this depot".into()),
+        W::Release(r) => Ok(Spec::Release {
+            hardware_id: r.hardware_id,
+            version: r.version,
+            sha256: r.sha256,
+        }),
         W::RolloutSlice(_) => Err("fleet rollout slices are not supported by this depot".into()),
     }
 }
@@ -176,6 +232,15 @@ pub fn object_to_wire(
             }),
             Spec::Tariff { prices_per_kwh } => W::Tariff(pb::TariffOverride {
                 prices_per_kwh: prices_per_kwh.clone(),
+            }),
+            Spec::Release {
+                hardware_id,
+                version,
+                sha256,
+            } => W::Release(pb::ReleaseToStage {
+                hardware_id: hardware_id.clone(),
+                version: version.clone(),
+                sha256: sha256.clone(),
             }),
         }),
     }
@@ -306,7 +371,24 @@ mod tests {
                         )),
                     }],
                 ),
-                "releases to stage are not supported",
+                "release.hardware_id",
+            ),
+            (
+                wire(
+                    5,
+                    false,
+                    vec![object_to_wire(
+                        "release",
+                        "hw/2.0.0",
+                        1,
+                        Some(&Spec::Release {
+                            hardware_id: "hw".into(),
+                            version: "1.0.0".into(),
+                            sha256: "a".repeat(64),
+                        }),
+                    )],
+                ),
+                "a release's key is hardware/version",
             ),
             (
                 wire(

@@ -40,6 +40,18 @@ pub struct CloudService {
     ca: Arc<Ca>,
     options: ServiceOptions,
     clock: Clock,
+    trust: Option<Arc<dyn FleetTrust>>,
+}
+
+/// What the cloud vouches for beyond certificates: the fleet's image repository root, and
+/// certifying a depot's director root (both belong to the image repository, which lives in
+/// the appliance).
+pub trait FleetTrust: Send + Sync + 'static {
+    /// The fleet root to hand to depots that have none pinned.
+    fn fleet_root(&self) -> Option<Vec<u8>>;
+    /// A statement binding `local_id` to `director_root`, or `None` when the cloud cannot
+    /// certify (no certifier key, or a root that is not a version-1 TUF root).
+    fn certify(&self, depot: &str, local_id: &str, director_root: &[u8]) -> Option<Vec<u8>>;
 }
 
 #[derive(Clone, Debug)]
@@ -69,7 +81,14 @@ impl CloudService {
             ca,
             options,
             clock,
+            trust: None,
         }
+    }
+
+    /// Hands depots the fleet root and director certificates from `trust`.
+    pub fn with_trust(mut self, trust: Arc<dyn FleetTrust>) -> Self {
+        self.trust = Some(trust);
+        self
     }
 
     fn now(&self) -> i64 {
@@ -78,7 +97,17 @@ impl CloudService {
 
     /// The depot behind the request's client certificate, if it may talk.
     async fn caller<T>(&self, request: &Request<T>) -> Result<(DepotRow, DepotCert), Status> {
-        let certs = request.peer_certs().ok_or_else(|| {
+        self.authorise_peer(request.peer_certs().as_deref().map(|c| &c[..]))
+            .await
+    }
+
+    /// The depot behind a TLS peer's certificate chain, if it may talk; also for plain HTTP
+    /// routes served on the same port (the image repository).
+    pub async fn authorise_peer(
+        &self,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+    ) -> Result<(DepotRow, DepotCert), Status> {
+        let certs = certs.ok_or_else(|| {
             Status::unauthenticated("a depot certificate is required (enrol first)")
         })?;
         let leaf = certs
@@ -276,11 +305,21 @@ impl Session {
             .await
             .map_err(internal)?;
         tracing::info!(depot = %self.depot.name, version = %hello.software_version, desired_revision = hello.desired_revision, events_acked, "sync session started");
+        let trust = self.service.trust.as_deref();
+        let fleet_root = trust.and_then(|t| t.fleet_root()).unwrap_or_default();
+        let director_certificate = match trust {
+            Some(t) if !hello.director_root.is_empty() && !hello.local_id.is_empty() => t
+                .certify(&self.depot.name, &hello.local_id, &hello.director_root)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         self.send(cloud_message::Body::Welcome(pb::Welcome {
             depot_id: id.clone(),
             depot_name: self.depot.name.clone(),
             events_acked: u64::try_from(events_acked).unwrap_or(0),
             server_time_unix_ms: self.service.now(),
+            fleet_root,
+            director_certificate,
         }))
         .await?;
 
@@ -406,11 +445,14 @@ impl ServerTls {
     }
 }
 
-/// Serves enrolment, sync, health and reflection on `listener` until `shutdown`.
+/// Serves enrolment, sync, health and reflection on `listener` until `shutdown`, and `extra`
+/// HTTP routes on the same port (the image repository, for depots over the same mutual TLS;
+/// its handlers check the peer certificate with [`CloudService::authorise_peer`]).
 pub async fn serve(
     listener: TcpListener,
     tls: ServerTls,
     service: CloudService,
+    extra: axum::Router,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -441,6 +483,7 @@ pub async fn serve(
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_routes(tonic::service::Routes::from(extra))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -10,6 +10,8 @@
 //! - [`staging`]: verify a release (metadata, policy, index), read the image once into a pack,
 //!   publish it; [`store`]: the packs and the chunk map; [`director`]: the depot's director
 //!   repository of per-vehicle assignments.
+//! - [`online`]: the fleet core's online re-signing of snapshot and timestamp over the targets
+//!   release engineering signed offline.
 //! - [`bandwidth`]: the depot-wide, per-connection-fair upload cap.
 //!
 //! Must not: make anything visible to vehicles before every signature and hash has verified
@@ -23,6 +25,7 @@ pub mod chunks;
 pub mod director;
 pub mod keys;
 pub mod meta;
+pub mod online;
 pub mod release;
 pub mod staging;
 pub mod store;

@@ -276,6 +276,13 @@ pub struct VerifiedRelease {
     metadata_files: Vec<(String, Bytes)>,
 }
 
+impl VerifiedRelease {
+    /// The fleet certifier key document the repository carries, if any.
+    pub fn certifier(&self) -> Option<&[u8]> {
+        self.certifier.as_deref()
+    }
+}
+
 /// Where a release's repository is: `metadata/` and `targets/` under one base.
 #[derive(Debug, Clone)]
 pub struct Location {
@@ -581,8 +588,10 @@ pub fn resumable_prefix(release: &VerifiedRelease, staging_file: &Path) -> io::R
 }
 
 /// Reads the image once from `source` into a staging file, then checks length, hash and chunk
-/// index against the signed metadata. Blocking: run it off the async workers. On any failure
-/// the staging file is removed.
+/// index against the signed metadata. Blocking: run it off the async workers. On a failure of
+/// the image the staging file is removed; when only the source broke off
+/// ([`StagingError::Source`]) it is kept, for [`resumable_prefix`] to re-verify and go on from
+/// (the caller removes it if it will not resume).
 ///
 /// `resume_from` is the length of a verified prefix already in the staging file (see
 /// [`resumable_prefix`]); `source` then starts at that byte. The prefix is read back from disk
@@ -656,7 +665,7 @@ pub fn ingest_image(
         }
         Ok(got)
     })();
-    if result.is_err() {
+    if matches!(result, Err(ref e) if !matches!(e, StagingError::Source(_))) {
         let _ = fs::remove_file(staging_file);
     }
     result

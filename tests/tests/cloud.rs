@@ -645,3 +645,222 @@ fn the_fleet_panel_lists_depots_after_sign_in_with_a_fleet_token() -> Result<()>
     assert_eq!(browser.get(cloud.server.url("/")).send()?.status(), 303);
     Ok(())
 }
+
+/// The depot's staged images, as `hardware/version`.
+fn staged_images(depot: &Server, token: &str) -> Vec<String> {
+    depot_get(depot, token, "/api/v1/images")["images"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    format!(
+                        "{}/{}",
+                        i["hardware_id"].as_str().unwrap_or(""),
+                        i["version"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn post_bundle(cloud: &Cloud, token: &str, bundle: Vec<u8>) -> reqwest::blocking::Response {
+    http()
+        .post(cloud.server.url("/api/v1/releases"))
+        .bearer_auth(token)
+        .header("content-type", "application/x-tar")
+        .body(bundle)
+        .send()
+        .expect("release upload")
+}
+
+#[test]
+fn a_release_published_in_the_cloud_is_staged_on_two_depots_fetching_only_missing_chunks()
+-> Result<()> {
+    use atlasmesh_tests::ota::{Fleet, random_bytes, variant};
+    let temp = tempfile::tempdir()?;
+    // Release engineering: keys and repository, root and targets signed offline.
+    let fleet = Fleet::new()?;
+    let v1 = random_bytes(3 << 20, 81);
+    fleet.add("av-compute", "1.0.0", &v1, &[])?;
+    let bundle_v1 = std::fs::read(fleet.bundle("av-compute", "1.0.0")?)?;
+
+    // The cloud pins the fleet root and takes only the online keys.
+    let cloud_dir = temp.path().join("cloud");
+    let mut setup = atlasmesh();
+    setup
+        .args(["cloud", "repository", "--root"])
+        .arg(fleet.root())
+        .arg("--keys")
+        .arg(&fleet.keys)
+        .arg("--data-dir")
+        .arg(&cloud_dir);
+    let (status, _, stderr) = run(&mut setup)?;
+    assert!(status.success(), "{stderr}");
+    let keys_dir = cloud_dir.join("repository/keys");
+    let mut taken: Vec<String> = std::fs::read_dir(&keys_dir)?
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    taken.sort();
+    assert_eq!(taken, ["certifier.pem", "snapshot.pem", "timestamp.pem"]);
+    for key in &taken {
+        let mode = std::fs::metadata(keys_dir.join(key))?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let cloud = Cloud::start(&cloud_dir, None, &[])?;
+    let api = cloud.api_token();
+
+    // A tampered image in the bundle is refused and nothing is published.
+    let mut tampered = bundle_v1.clone();
+    let at = tampered.len() - 4096;
+    tampered[at] ^= 0x40;
+    let refused = post_bundle(&cloud, &api, tampered);
+    assert_eq!(refused.status(), 422, "{}", refused.text()?);
+    assert_eq!(
+        cloud.get(&api, "/api/v1/releases")["releases"],
+        json!([]),
+        "a refused upload publishes nothing"
+    );
+    let imported = post_bundle(&cloud, &api, bundle_v1.clone());
+    assert_eq!(imported.status(), 201);
+    let imported: Value = imported.json()?;
+    let chunks_v1 = imported["release"]["chunks"].as_u64().unwrap();
+    assert_eq!(imported["new_chunks"].as_u64(), Some(chunks_v1));
+    assert!(
+        imported["signed"]["snapshot_version"].as_u64() > Some(1),
+        "{imported}"
+    );
+    assert_eq!(
+        post_bundle(&cloud, &api, bundle_v1).status(),
+        409,
+        "a release is published once"
+    );
+
+    // Without a depot certificate the repository says nothing.
+    let ca = cloud.get(&api, "/api/v1/ca");
+    let stranger = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(
+            ca["certificate_pem"].as_str().unwrap().as_bytes(),
+        )?)
+        .build()?;
+    let anonymous = stranger
+        .get(format!(
+            "{}/repository/metadata/timestamp.json",
+            cloud.grpc_url()
+        ))
+        .send()?;
+    assert_eq!(anonymous.status(), 401);
+
+    // Two depots enrol; the release is staged on both through their own verification.
+    let mut depots = Vec::new();
+    for name in ["north", "south"] {
+        let token = cloud.enroll_token(name);
+        let depot = start_depot(&temp.path().join(name), &cloud.grpc_url(), Some(&token))?;
+        let local = depot.token("admin");
+        link_reaches(&depot, &local, "online");
+        depots.push((depot, local));
+    }
+    let stage = http()
+        .post(cloud.server.url("/api/v1/releases/av-compute/1.0.0/stage"))
+        .bearer_auth(&api)
+        .json(&json!({ "depots": ["north", "south"] }))
+        .send()?;
+    assert_eq!(stage.status(), 200, "{}", stage.text()?);
+    for (depot, local) in &depots {
+        let start = Instant::now();
+        while !staged_images(depot, local).contains(&"av-compute/1.0.0".to_owned()) {
+            if start.elapsed() > Duration::from_secs(90) {
+                let logs: Vec<String> = depot
+                    .logs()
+                    .into_iter()
+                    .filter(|l| !l.contains("\"message\":\"request\""))
+                    .collect();
+                panic!(
+                    "the release did not reach the depot; its log ends:\n{}",
+                    logs[logs.len().saturating_sub(30)..].join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let metrics = depot.metrics()?;
+        let fetched = atlasmesh_tests::metric_sum(
+            &metrics,
+            "atlasmesh_ota_cloud_chunk_bytes_total",
+            &["source=\"fetched\""],
+        );
+        assert_eq!(
+            fetched as usize,
+            v1.len(),
+            "a new depot fetches every chunk once"
+        );
+        // The cloud certified the depot's director root; the depot installed it.
+        wait_for(Duration::from_secs(30), "the director certificate", || {
+            let director = depot_get(depot, local, "/api/v1/ota/director");
+            director["certificate"]["depot_id"]
+                .is_string()
+                .then_some(())
+        });
+    }
+    for name in ["north", "south"] {
+        wait_for(
+            Duration::from_secs(30),
+            "the release reported as staged",
+            || {
+                let d = cloud.get(&api, &format!("/api/v1/depots/{name}"));
+                let r = d["reported"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["kind"] == "release" && r["key"] == "av-compute/1.0.0")?
+                    .clone();
+                (r["json"]["state"] == "staged" && r["observed_generation"] == 1).then_some(())
+            },
+        );
+    }
+
+    // A new version that shares most of its chunks: north fetches only what changed.
+    let v2 = variant(&v1, 7, 3, 2_000, 10_000);
+    fleet.add("av-compute", "1.1.0", &v2, &[])?;
+    let imported: Value = post_bundle(
+        &cloud,
+        &api,
+        std::fs::read(fleet.bundle("av-compute", "1.1.0")?)?,
+    )
+    .json()?;
+    let (chunks_v2, new_v2) = (
+        imported["release"]["chunks"].as_u64().unwrap(),
+        imported["new_chunks"].as_u64().unwrap(),
+    );
+    assert!(new_v2 > 0 && new_v2 * 4 < chunks_v2, "{imported}");
+    let stage = http()
+        .post(cloud.server.url("/api/v1/releases/av-compute/1.1.0/stage"))
+        .bearer_auth(&api)
+        .json(&json!({ "depots": ["north"] }))
+        .send()?;
+    assert_eq!(stage.status(), 200);
+    let (north, local) = &depots[0];
+    wait_for(Duration::from_secs(90), "1.1.0 on north", || {
+        staged_images(north, local)
+            .contains(&"av-compute/1.1.0".to_owned())
+            .then_some(())
+    });
+    let metrics = north.metrics()?;
+    let fetched = atlasmesh_tests::metric_sum(
+        &metrics,
+        "atlasmesh_ota_cloud_chunk_bytes_total",
+        &["source=\"fetched\""],
+    ) as usize
+        - v1.len();
+    let reused = atlasmesh_tests::metric_sum(
+        &metrics,
+        "atlasmesh_ota_cloud_chunk_bytes_total",
+        &["source=\"reused\""],
+    ) as usize;
+    assert_eq!(fetched + reused, v2.len());
+    assert!(
+        fetched * 4 < v2.len(),
+        "fetched {fetched} of {} bytes",
+        v2.len()
+    );
+    assert!(!staged_images(&depots[1].0, &depots[1].1).contains(&"av-compute/1.1.0".to_owned()));
+    Ok(())
+}

@@ -6,6 +6,7 @@
 //! working on its last known desired state while the link is down.
 
 pub mod db;
+mod releases;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,12 +88,14 @@ pub struct CloudLink {
     view: watch::Sender<LinkView>,
     reporter: Reporter,
     metrics: Metrics,
+    releases: Arc<releases::Releases>,
 }
 
 /// Builds the reported objects from the depot's own views.
 #[derive(Clone)]
 pub struct Reporter {
     pub store: Store,
+    pub ota: Arc<crate::ota::Ota>,
     pub charging: Arc<crate::charging::Charging>,
     pub depot_name: String,
     pub local_id: String,
@@ -133,7 +136,13 @@ impl CloudLink {
             metrics.online.clone(),
         );
         let (view, _) = watch::channel(LinkView::off());
+        let releases = releases::Releases::new(
+            reporter.ota.clone(),
+            store.clone(),
+            reporter.local_id.clone(),
+        );
         let link = Arc::new(Self {
+            releases,
             store,
             config,
             data_dir,
@@ -218,6 +227,8 @@ impl CloudLink {
             v.certificate_not_after_ms = Some(creds.not_after_ms);
         });
         tokio::spawn(self.clone().prune(shutdown.clone()));
+        self.releases.set_credentials(&creds);
+        self.releases.spawn(shutdown.clone());
         let options = ClientOptions {
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             report_interval: self.config.report_interval,
@@ -412,8 +423,9 @@ impl DepotSide for Side {
             })
             .await
             .map_err(text)?;
-        // Site limit and tariff overrides take effect on the next plan.
+        // Site limit and tariff overrides take effect on the next plan; releases are staged.
         self.0.reporter.charging.replan();
+        self.0.releases.nudge();
         Ok(())
     }
 
@@ -451,11 +463,35 @@ impl DepotSide for Side {
     }
 
     async fn reported(&self) -> Result<Vec<Reported>, String> {
-        self.0.reporter.reported().await.map_err(text)
+        let mut out = self.0.reporter.reported().await.map_err(text)?;
+        for r in self.0.releases.states() {
+            out.push(Reported {
+                kind: "release".into(),
+                key: atlasmesh_cloud_sync::desired::release_key(&r.hardware_id, &r.version),
+                observed_generation: r.generation,
+                json: serde_json::to_string(&r).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn identity(&self) -> (String, Vec<u8>) {
+        (
+            self.0.reporter.local_id.clone(),
+            self.0.reporter.ota.director_root_v1().to_vec(),
+        )
+    }
+
+    async fn welcomed(&self, fleet_root: Vec<u8>, director_certificate: Vec<u8>) {
+        self.0
+            .releases
+            .welcomed(fleet_root, director_certificate)
+            .await;
     }
 
     async fn save_credentials(&self, creds: &Credentials) -> Result<(), String> {
         self.0.save(creds).map_err(text)?;
+        self.0.releases.set_credentials(creds);
         let not_after = creds.not_after_ms;
         self.0
             .set_view(|v| v.certificate_not_after_ms = Some(not_after));
@@ -622,6 +658,7 @@ pub fn site_overrides(
         match d.spec {
             Spec::SiteLimit { limit_kw } => limit = Some(limit_kw),
             Spec::Tariff { prices_per_kwh } => tariff = Some(prices_per_kwh),
+            Spec::Release { .. } => {}
         }
     }
     Ok((limit, tariff))

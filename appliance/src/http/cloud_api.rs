@@ -58,6 +58,8 @@ pub struct CloudApp {
     pub enroll_token_lifetime: Duration,
     /// A depot whose session has not touched the store for this long shows as offline.
     pub online_within: Duration,
+    /// The image repository and chunk store depots stage releases from.
+    pub repository: Arc<crate::cloud_repo::Repository>,
 }
 
 impl CloudApp {
@@ -149,6 +151,15 @@ fn store_error(e: CloudStoreError) -> ApiError {
     }
 }
 
+/// Routes that may take as long as an upload does (no request timeout).
+pub fn long_routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    CloudApp: FromRef<S>,
+{
+    Router::new().route("/api/v1/releases", post(import_release))
+}
+
 pub fn routes<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
@@ -167,6 +178,15 @@ where
             put(set_tariff).delete(remove_tariff),
         )
         .route("/api/v1/depots/{name}/revoke", post(revoke))
+        .route(
+            "/api/v1/depots/{name}/desired/release/{hardware}/{version}",
+            axum::routing::delete(unstage_release),
+        )
+        .route("/api/v1/releases", get(list_releases))
+        .route(
+            "/api/v1/releases/{hardware}/{version}/stage",
+            post(stage_release),
+        )
         .route("/api/v1/enroll-tokens", post(mint_token))
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/ca", get(ca_certificate))
@@ -247,18 +267,149 @@ async fn set_desired(
     kind: &str,
     spec: Option<Spec>,
 ) -> Result<Json<Value>, ApiError> {
+    set_desired_key(app, actor, name, kind, "site", spec).await
+}
+
+async fn set_desired_key(
+    app: &CloudApp,
+    actor: &str,
+    name: &str,
+    kind: &str,
+    key: &str,
+    spec: Option<Spec>,
+) -> Result<Json<Value>, ApiError> {
     if let Some(spec) = &spec {
         spec.validate().map_err(ApiError::invalid)?;
     }
     let (revision, generation) = app
         .store
-        .set_desired(name, kind, "site", spec.as_ref(), actor, app.now())
+        .set_desired(name, kind, key, spec.as_ref(), actor, app.now())
         .await
         .map_err(store_error)?;
     Ok(Json(json!({
-        "depot": name, "kind": kind, "key": "site", "revision": revision,
+        "depot": name, "kind": kind, "key": key, "revision": revision,
         "generation": generation, "spec": spec,
     })))
+}
+
+/// `GET /api/v1/releases`: the images depots can stage, and the repository's signing state.
+async fn list_releases(_: Viewer, State(app): State<CloudApp>) -> Result<Json<Value>, ApiError> {
+    let releases = app.repository.releases().map_err(ApiError::internal)?;
+    Ok(Json(
+        json!({ "releases": releases, "repository": app.repository.status() }),
+    ))
+}
+
+/// `POST /api/v1/releases`: a release bundle (`atlasmesh ota release bundle`), verified from
+/// the pinned fleet root as a depot would, stored, and published with a fresh snapshot and
+/// timestamp. Admin: it changes what every depot may be told to stage.
+async fn import_release(
+    caller: Admin,
+    State(app): State<CloudApp>,
+    body: axum::body::Body,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    use crate::cloud_repo::RepoError;
+    use futures_util::TryStreamExt;
+    use tokio_util::io::{StreamReader, SyncIoBridge};
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    let result = app.repository.import(reader).await;
+    let (outcome, detail) = match &result {
+        Ok(i) => (
+            "ok",
+            json!({"release": i.release, "new_chunks": i.new_chunks, "signed": i.signed}),
+        ),
+        Err(e) => ("failed", json!({"error": e.to_string()})),
+    };
+    let target = result
+        .as_ref()
+        .ok()
+        .map(|i| format!("{}/{}", i.release.hardware_id, i.release.version));
+    app.store
+        .audit(
+            app.now(),
+            &caller.actor(),
+            "release.import",
+            target.as_deref(),
+            outcome,
+            &detail,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    match result {
+        Ok(imported) => Ok((axum::http::StatusCode::CREATED, Json(json!(imported)))),
+        Err(e @ (RepoError::NoRoot | RepoError::NoKeys)) => Err(ApiError::conflict(e.to_string())),
+        Err(RepoError::Staging(e)) => {
+            use atlasmesh_ota_staging::staging::StagingError as E;
+            Err(match &e {
+                E::AlreadyStaged { .. } => ApiError::conflict(e.to_string()),
+                E::Io { .. } => ApiError::internal(e),
+                _ => ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    e.code(),
+                    e.to_string(),
+                ),
+            })
+        }
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageBody {
+    depots: Vec<String>,
+}
+
+/// `POST /api/v1/releases/{hardware}/{version}/stage`: tells each named depot to stage the
+/// release (a desired `release` object per depot).
+async fn stage_release(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path((hardware, version)): Path<(String, String)>,
+    body: Result<Json<StageBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    if body.depots.is_empty() {
+        return Err(ApiError::invalid("name at least one depot in `depots`"));
+    }
+    let release = app
+        .repository
+        .releases()
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .find(|r| r.hardware_id == hardware && r.version == version)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no release {hardware}/{version} in the repository"))
+        })?;
+    // Every name first, so a typo changes nothing.
+    for name in &body.depots {
+        app.store.depot(name).await.map_err(store_error)?;
+    }
+    let key = atlasmesh_cloud_sync::desired::release_key(&hardware, &version);
+    let mut staged = Vec::new();
+    for name in &body.depots {
+        let spec = Spec::Release {
+            hardware_id: hardware.clone(),
+            version: version.clone(),
+            sha256: release.sha256.clone(),
+        };
+        let Json(v) =
+            set_desired_key(&app, &caller.actor(), name, "release", &key, Some(spec)).await?;
+        staged.push(v);
+    }
+    Ok(Json(json!({ "staged": staged })))
+}
+
+/// `DELETE /api/v1/depots/{name}/desired/release/{hardware}/{version}`: the depot no longer
+/// needs to hold the release (what it staged stays until its own clean-up).
+async fn unstage_release(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path((name, hardware, version)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let key = atlasmesh_cloud_sync::desired::release_key(&hardware, &version);
+    set_desired_key(&app, &caller.actor(), &name, "release", &key, None).await
 }
 
 #[derive(Deserialize)]

@@ -237,6 +237,8 @@ pub fn recover_running_jobs(
         "UPDATE ota_jobs SET state = 'interrupted', finished_at = ?1, error_code = 'interrupted',
              error = CASE WHEN source_kind = 'url'
                  THEN 'the depot stopped while staging; gave up after ' || resumes || ' resumes'
+                 WHEN source_kind = 'cloud'
+                 THEN 'the depot stopped while staging; the cloud link stages it again from the chunks that verify'
                  ELSE 'the depot stopped while staging; nothing of it was kept' END
          WHERE state = 'running' AND id NOT IN (SELECT value FROM json_each(?2))",
         params![now, serde_json::to_string(&resumed).expect("ids serialise")],

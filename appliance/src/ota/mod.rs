@@ -112,13 +112,19 @@ pub fn pinned_fleet_root(data_dir: &std::path::Path) -> Option<Vec<u8>> {
 pub enum Source {
     Path(PathBuf),
     Url(Url),
+    /// The cloud's image repository (`https://<cloud>/repository/`), reached with the depot's
+    /// certificate; the image is assembled from chunks, fetching only those the store lacks.
+    Cloud {
+        base: Url,
+        client: reqwest::Client,
+    },
 }
 
 impl Source {
     fn location(&self) -> Result<Location, StagingError> {
         match self {
             Source::Path(dir) => Location::directory(dir),
-            Source::Url(url) => Location::url(url.clone()),
+            Source::Url(url) | Source::Cloud { base: url, .. } => Location::url(url.clone()),
         }
     }
 
@@ -126,12 +132,13 @@ impl Source {
         match self {
             Source::Path(_) => "path",
             Source::Url(_) => "url",
+            Source::Cloud { .. } => "cloud",
         }
     }
     fn describe(&self) -> String {
         match self {
             Source::Path(p) => p.display().to_string(),
-            Source::Url(u) => u.to_string(),
+            Source::Url(u) | Source::Cloud { base: u, .. } => u.to_string(),
         }
     }
 }
@@ -141,6 +148,12 @@ impl Source {
 pub struct OtaMetrics {
     served_bytes: Family<KindLabels, Counter>,
     staging: Family<ResultLabels, Counter>,
+    cloud_chunk_bytes: Family<SourceLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,9 +180,16 @@ impl OtaMetrics {
             "Staging attempts by result code",
             staging.clone(),
         );
+        let cloud_chunk_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "atlasmesh_ota_cloud_chunk_bytes",
+            "Bytes of images staged from the cloud, by where each chunk came from (reused from the store, fetched)",
+            cloud_chunk_bytes.clone(),
+        );
         Self {
             served_bytes,
             staging,
+            cloud_chunk_bytes,
         }
     }
 
@@ -214,6 +234,19 @@ fn staging_file(staging_dir: &Path, job: i64) -> PathBuf {
     staging_dir.join(format!("job-{job}.img"))
 }
 
+/// A cloud staging file is named by the image's hash, so a later job resumes it.
+fn cloud_staging_file(staging_dir: &Path, sha256: &str) -> PathBuf {
+    staging_dir.join(format!("cloud-{sha256}.img"))
+}
+
+fn is_cloud_partial(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("cloud-"))
+        .and_then(|n| n.strip_suffix(".img"))
+        .is_some_and(atlasmesh_ota_staging::chunks::is_sha256_hex)
+}
+
 impl Ota {
     /// Opens the cache: marks interrupted jobs and clears the staging they left, but for URL
     /// downloads it resumes; registers the staged images, opens (or creates) the director and
@@ -247,9 +280,12 @@ impl Ota {
             .iter()
             .map(|job| staging_file(&root.join("store").join("staging"), job.id))
             .collect();
-        let (store, leftovers) =
-            ImageStore::open(&root.join("store"), |p| keep.iter().any(|k| k == p))
-                .map_err(|e| OtaError::Internal(format!("opening the image store: {e}")))?;
+        // Images from the cloud are staged under their hash: what of them verifies is kept
+        // for the cloud link's next attempt.
+        let (store, leftovers) = ImageStore::open(&root.join("store"), |p| {
+            keep.iter().any(|k| k == p) || is_cloud_partial(p)
+        })
+        .map_err(|e| OtaError::Internal(format!("opening the image store: {e}")))?;
         if leftovers > 0 {
             tracing::warn!(
                 files = leftovers,
@@ -497,6 +533,18 @@ impl Ota {
         hardware: &str,
         version: &str,
     ) -> Result<VerifiedRelease, StagingError> {
+        self.verify_with(location, hardware, version, self.http.clone())
+            .await
+    }
+
+    /// Verifies through `client` (the cloud's repository needs the depot's certificate).
+    async fn verify_with(
+        &self,
+        location: &Location,
+        hardware: &str,
+        version: &str,
+        client: reqwest::Client,
+    ) -> Result<VerifiedRelease, StagingError> {
         let policy = self
             .policy()
             .await
@@ -504,7 +552,7 @@ impl Ota {
         staging::verify(
             &self.mirror,
             location,
-            HttpTransport::new(self.http.clone()),
+            HttpTransport::new(client),
             Wanted { hardware, version },
             &policy,
             self.store.root(),
@@ -614,21 +662,58 @@ impl Ota {
     ) -> Result<ImageRow, OtaError> {
         let described = source.describe();
         let (done, stop) = self.begin_job(job, described.clone(), None);
-        let staging_file = staging_file(&self.store.staging_dir(), job);
+        let mut staging_file = staging_file(&self.store.staging_dir(), job);
+        let mut keep_partial = false;
         let result = async {
             let location = source.location()?;
-            let release = self.verify(&location, &hardware, &version).await?;
+            let via = match &source {
+                Source::Cloud { client, .. } => client.clone(),
+                _ => self.http.clone(),
+            };
+            let release = self
+                .verify_with(&location, &hardware, &version, via)
+                .await?;
             self.set_total(release.image.length);
             let image_url = location.image_url(&release.image)?;
             let handle = tokio::runtime::Handle::current();
             let (client, download) = (self.http.clone(), self.download.clone());
+            let cloud = match &source {
+                Source::Cloud { base, client } => {
+                    staging_file =
+                        cloud_staging_file(&self.store.staging_dir(), &release.image.sha256);
+                    keep_partial = true;
+                    Some((base.clone(), client.clone()))
+                }
+                _ => None,
+            };
             let file = staging_file.clone();
             let counter = done.clone();
+            let store = self.store.clone();
+            let stats = Arc::new(sources::ChunkStats::default());
+            let job_stats = stats.clone();
             let (release, ingested) =
                 tokio::task::spawn_blocking(move || -> Result<_, StagingError> {
                     let mut resume = 0;
-                    let reader: Box<dyn std::io::Read> = match image_url.scheme() {
-                        "file" => {
+                    let reader: Box<dyn std::io::Read> = match (cloud, image_url.scheme()) {
+                        (Some((base, client)), _) => {
+                            resume = staging::resumable_prefix(&release, &file).map_err(|e| {
+                                StagingError::Source(format!("reading {}: {e}", file.display()))
+                            })?;
+                            if resume > 0 {
+                                tracing::info!(job, from_byte = resume, of = release.image.length, "resuming from the verified part of the staging file");
+                            }
+                            let rest: Vec<_> = release
+                                .index
+                                .chunks
+                                .iter()
+                                .filter(|c| c.offset >= resume)
+                                .cloned()
+                                .collect();
+                            Box::new(sources::CloudChunks::start(
+                                &handle, client, base, rest, store, download, job_stats,
+                            ))
+                        }
+                        (None, "file") => {
                             let path = image_url.to_file_path().map_err(|()| {
                                 StagingError::Source(format!("bad path {image_url}"))
                             })?;
@@ -636,7 +721,7 @@ impl Ota {
                                 StagingError::Source(format!("{}: {e}", path.display()))
                             })?)
                         }
-                        _ => {
+                        (None, _) => {
                             // A download the depot stopped under goes on from what of it
                             // still verifies against the signed chunk index.
                             resume = staging::resumable_prefix(&release, &file).map_err(|e| {
@@ -662,6 +747,28 @@ impl Ota {
                 })
                 .await
                 .map_err(|e| StagingError::Source(format!("staging task failed: {e}")))??;
+            if keep_partial {
+                let (reused, fetched) = (
+                    stats.reused_bytes.load(Ordering::Relaxed),
+                    stats.fetched_bytes.load(Ordering::Relaxed),
+                );
+                self.metrics
+                    .cloud_chunk_bytes
+                    .get_or_create(&SourceLabels { source: "reused" })
+                    .inc_by(reused);
+                self.metrics
+                    .cloud_chunk_bytes
+                    .get_or_create(&SourceLabels { source: "fetched" })
+                    .inc_by(fetched);
+                tracing::info!(
+                    job,
+                    reused_chunks = stats.reused_chunks.load(Ordering::Relaxed),
+                    reused_bytes = reused,
+                    fetched_chunks = stats.fetched_chunks.load(Ordering::Relaxed),
+                    fetched_bytes = fetched,
+                    "image assembled from the store's chunks and the cloud's"
+                );
+            }
             self.finish_staging(
                 job,
                 &described,
@@ -673,6 +780,9 @@ impl Ota {
             .await
         }
         .await;
+        if result.is_err() && !keep_partial {
+            let _ = std::fs::remove_file(&staging_file);
+        }
         stop.cancel();
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.conclude(
@@ -685,6 +795,27 @@ impl Ota {
             &actor,
         )
         .await
+    }
+
+    /// Removes cloud staging files for images no longer wanted (`keep` holds the hashes the
+    /// cloud still asks for). Skipped while a job runs.
+    pub fn discard_cloud_partials(&self, keep: &[String]) {
+        let Ok(_guard) = self.staging_lock.clone().try_lock_owned() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(self.store.staging_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let wanted = keep
+                .iter()
+                .any(|sha| cloud_staging_file(&self.store.staging_dir(), sha) == path);
+            if is_cloud_partial(&path) && !wanted {
+                tracing::info!(path = %path.display(), "removing a partial cloud download no longer wanted");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     /// Stages an uploaded release bundle, reading the upload as it arrives.
@@ -1428,6 +1559,10 @@ impl Ota {
                 Err(e)
             }
         }
+    }
+
+    pub fn has_fleet_root(&self) -> bool {
+        self.mirror.fleet_root().is_some()
     }
 
     pub fn certificate(&self) -> Option<DepotCertificate> {

@@ -374,3 +374,213 @@ mod tests {
         }
     }
 }
+
+/// How many chunk requests are in flight at once: enough to hide a round trip, few enough
+/// that the bandwidth cap and a slow link are not swamped.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Where each chunk of an image came from, for the job's record.
+#[derive(Debug, Default)]
+pub struct ChunkStats {
+    pub reused_chunks: std::sync::atomic::AtomicU64,
+    pub reused_bytes: std::sync::atomic::AtomicU64,
+    pub fetched_chunks: std::sync::atomic::AtomicU64,
+    pub fetched_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// An image assembled from its signed chunk index: chunks the depot's store already holds
+/// (from any staged image) are read from their packs; only the others are fetched from the
+/// cloud's chunk store (`<base>chunks/<sha256>`), a few at a time, in order, within the
+/// download cap, each retried with backoff. Read as a plain `Read` by the ingest pass, which
+/// checks the whole image against the signed length, hash and index as for any source.
+pub struct CloudChunks {
+    /// Each chunk with where the store held it when the job started (`None`: fetched).
+    chunks: std::vec::IntoIter<(
+        atlasmesh_ota_staging::chunks::Chunk,
+        Option<atlasmesh_ota_staging::store::ChunkLocation>,
+    )>,
+    store: std::sync::Arc<atlasmesh_ota_staging::store::ImageStore>,
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+    stats: std::sync::Arc<ChunkStats>,
+    cancel: CancellationToken,
+}
+
+impl CloudChunks {
+    /// Starts fetching the missing chunks of `chunks` (those from the resume point on).
+    pub fn start(
+        handle: &Handle,
+        client: reqwest::Client,
+        base: Url,
+        chunks: Vec<atlasmesh_ota_staging::chunks::Chunk>,
+        store: std::sync::Arc<atlasmesh_ota_staging::store::ImageStore>,
+        bandwidth: Bandwidth,
+        stats: std::sync::Arc<ChunkStats>,
+    ) -> Self {
+        let chunks: Vec<_> = chunks
+            .into_iter()
+            .map(|c| {
+                let at = locate(&store, &c.sha256);
+                (c, at)
+            })
+            .collect();
+        let missing: Vec<_> = chunks
+            .iter()
+            .filter(|(_, at)| at.is_none())
+            .map(|(c, _)| c.clone())
+            .collect();
+        let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT * 2);
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        handle.spawn(async move {
+            use futures_util::stream;
+            let mut fetched = stream::iter(missing)
+                .map(|chunk| {
+                    let (client, base, bandwidth) =
+                        (client.clone(), base.clone(), bandwidth.clone());
+                    async move { fetch_chunk(&client, &base, &chunk, &bandwidth).await }
+                })
+                .buffered(CHUNKS_IN_FLIGHT);
+            loop {
+                let next = tokio::select! {
+                    n = fetched.next() => n,
+                    _ = stop.cancelled() => return,
+                };
+                let Some(result) = next else { return };
+                let failed = result.is_err();
+                if tx.send(result).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self {
+            chunks: chunks.into_iter(),
+            store,
+            rx,
+            current: Bytes::new(),
+            stats,
+            cancel,
+        }
+    }
+}
+
+impl Drop for CloudChunks {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn locate(
+    store: &atlasmesh_ota_staging::store::ImageStore,
+    sha256: &str,
+) -> Option<atlasmesh_ota_staging::store::ChunkLocation> {
+    let mut sha = [0u8; 32];
+    hex::decode_to_slice(sha256, &mut sha).ok()?;
+    store.locate(&sha)
+}
+
+async fn fetch_chunk(
+    client: &reqwest::Client,
+    base: &Url,
+    chunk: &atlasmesh_ota_staging::chunks::Chunk,
+    bandwidth: &Bandwidth,
+) -> io::Result<Bytes> {
+    use sha2::{Digest, Sha256};
+    let url = base
+        .join(&format!("chunks/{}", chunk.sha256))
+        .map_err(|e| io::Error::other(format!("{base}: {e}")))?;
+    let mut attempts = 0u32;
+    loop {
+        let outcome = async {
+            let response = client
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("HTTP {status}"));
+            }
+            if response
+                .content_length()
+                .is_some_and(|n| n != u64::from(chunk.length))
+            {
+                return Err(format!(
+                    "the cloud sent a chunk of the wrong length (want {})",
+                    chunk.length
+                ));
+            }
+            let mut body = response.bytes_stream();
+            let mut bytes = Vec::with_capacity(chunk.length as usize);
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(|e| e.to_string())?;
+                if bytes.len() + piece.len() > chunk.length as usize {
+                    return Err("the cloud sent more than the chunk's signed length".into());
+                }
+                bandwidth.acquire(piece.len()).await;
+                bytes.extend_from_slice(&piece);
+            }
+            if hex::encode(Sha256::digest(&bytes)) != chunk.sha256 {
+                return Err("the chunk does not hash to the signed index".into());
+            }
+            Ok(Bytes::from(bytes))
+        }
+        .await;
+        match outcome {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                attempts += 1;
+                if attempts >= MAX_ATTEMPTS {
+                    return Err(io::Error::other(format!(
+                        "chunk {} from {url}: {e} (gave up after {attempts} attempts)",
+                        chunk.sha256
+                    )));
+                }
+                tracing::warn!(chunk = %chunk.sha256, error = %e, attempts, "chunk fetch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempts.min(5)))).await;
+            }
+        }
+    }
+}
+
+impl Read for CloudChunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        while self.current.is_empty() {
+            let Some((_, at)) = self.chunks.next() else {
+                return Ok(0);
+            };
+            self.current = match at {
+                Some(at) => {
+                    let pack = File::open(self.store.pack_path(&hex::encode(at.image)))?;
+                    let bytes = atlasmesh_ota_staging::store::ImageStore::read_at(
+                        &pack,
+                        at.offset,
+                        at.length as usize,
+                    )?;
+                    self.stats.reused_chunks.fetch_add(1, Relaxed);
+                    self.stats
+                        .reused_bytes
+                        .fetch_add(bytes.len() as u64, Relaxed);
+                    Bytes::from(bytes)
+                }
+                None => match self.rx.blocking_recv() {
+                    Some(Ok(bytes)) => {
+                        self.stats.fetched_chunks.fetch_add(1, Relaxed);
+                        self.stats
+                            .fetched_bytes
+                            .fetch_add(bytes.len() as u64, Relaxed);
+                        bytes
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        return Err(io::Error::other("the chunk download stopped"));
+                    }
+                },
+            };
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}

@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_job_resumes.sql"),
     include_str!("migrations/0008_charging.sql"),
     include_str!("migrations/0009_cloud_link.sql"),
+    include_str!("migrations/0010_cloud_staging.sql"),
 ];
 
 /// The schema version this binary migrates to.
