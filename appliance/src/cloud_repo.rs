@@ -502,12 +502,6 @@ fn copy_atomic(from: &Path, to: &Path) -> Result<(), RepoError> {
     write_atomic(to, &bytes)
 }
 
-#[derive(Clone)]
-struct Served {
-    repo: Arc<Repository>,
-    service: CloudService,
-}
-
 /// `/repository/...` for depots, on the gRPC port: only a depot with a valid, unrevoked
 /// certificate reads anything.
 pub fn routes(repo: Arc<Repository>, service: CloudService) -> Router {
@@ -515,8 +509,8 @@ pub fn routes(repo: Arc<Repository>, service: CloudService) -> Router {
         .route("/repository/metadata/{name}", get(metadata))
         .route("/repository/targets/{name}", get(target))
         .route("/repository/chunks/{sha256}", get(chunk))
-        .route_layer(middleware::from_fn_with_state(service.clone(), depot_only))
-        .with_state(Served { repo, service })
+        .route_layer(middleware::from_fn_with_state(service, depot_only))
+        .with_state(repo)
 }
 
 async fn depot_only(State(service): State<CloudService>, request: Request, next: Next) -> Response {
@@ -556,14 +550,14 @@ async fn file_response(path: PathBuf, content_type: &'static str) -> Response {
     }
 }
 
-async fn metadata(State(s): State<Served>, UrlPath(name): UrlPath<String>) -> Response {
+async fn metadata(State(repo): State<Arc<Repository>>, UrlPath(name): UrlPath<String>) -> Response {
     if !is_metadata_name(&name) {
         return not_found();
     }
-    file_response(s.repo.metadata_dir().join(name), "application/json").await
+    file_response(repo.metadata_dir().join(name), "application/json").await
 }
 
-async fn target(State(s): State<Served>, UrlPath(name): UrlPath<String>) -> Response {
+async fn target(State(repo): State<Arc<Repository>>, UrlPath(name): UrlPath<String>) -> Response {
     let plain = name.len() > 65
         && atlasmesh_ota_staging::chunks::is_sha256_hex(&name[..64])
         && name.as_bytes()[64] == b'.'
@@ -573,24 +567,23 @@ async fn target(State(s): State<Served>, UrlPath(name): UrlPath<String>) -> Resp
         return not_found();
     }
     file_response(
-        s.repo.dir.join("targets").join(name),
+        repo.dir.join("targets").join(name),
         "application/octet-stream",
     )
     .await
 }
 
-async fn chunk(State(s): State<Served>, UrlPath(sha256): UrlPath<String>) -> Response {
-    let _ = &s.service;
+async fn chunk(State(repo): State<Arc<Repository>>, UrlPath(sha256): UrlPath<String>) -> Response {
     let mut sha = [0u8; 32];
     if !atlasmesh_ota_staging::chunks::is_sha256_hex(&sha256)
         || hex::decode_to_slice(&sha256, &mut sha).is_err()
     {
         return not_found();
     }
-    let Some(at) = s.repo.store.locate(&sha) else {
+    let Some(at) = repo.store.locate(&sha) else {
         return not_found();
     };
-    let pack = s.repo.store.pack_path(&hex::encode(at.image));
+    let pack = repo.store.pack_path(&hex::encode(at.image));
     let read = tokio::task::spawn_blocking(move || {
         let file = fs::File::open(&pack)?;
         ImageStore::read_at(&file, at.offset, at.length as usize)
