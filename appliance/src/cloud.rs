@@ -172,10 +172,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         system,
         shutdown: shutdown.clone(),
     };
+    let fleet =
+        crate::cloud_fleet::FleetRollouts::new(store.clone(), repository.clone(), clock.clone());
+    fleet.spawn(shutdown.clone());
     let app = CloudApp {
         store: store.clone(),
         ca: ca.clone(),
         clock,
+        fleet,
         enroll_token_lifetime: config.cloud.enroll_token_lifetime,
         repository,
         // A live session touches the store every poll; three missed polls and it is gone.

@@ -225,6 +225,7 @@ async fn run_locked(
         crate::cloud_link::Reporter {
             store: store.clone(),
             ota: ota.clone(),
+            rollouts: rollouts.clone(),
             charging: charging.clone(),
             depot_name: config.depot.name.clone(),
             local_id: prepared.depot_id.clone(),

@@ -27,6 +27,7 @@ pub mod charger_cli;
 pub mod charging;
 pub mod cli;
 pub mod cloud;
+pub mod cloud_fleet;
 pub mod cloud_link;
 pub mod cloud_repo;
 pub mod config;

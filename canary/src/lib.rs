@@ -7,13 +7,17 @@
 //! [`machine::Decision`]s (assign, advance, pause, halt, roll back, complete) for the depot to
 //! carry out. It halts mid-wave as soon as the gate can no longer pass.
 //!
-//! Layout: `gate` (Wilson lower bound, three verdicts), `plan` (waves and limits, validated
+//! [`fleet::FleetRollout`] is the same kind of machine one level up: a release over depots in
+//! phases, judged on the figures the depots report.
+//!
+//! Layout: `fleet` (phases over depots), `gate` (Wilson lower bound, three verdicts), `plan` (waves and limits, validated
 //! against the population), `machine` (the state machine; serialisable, so the depot can store
 //! it after every step and restart exactly where it was).
 //!
 //! Must not: do any I/O or read the clock. It is a pure core; the depot feeds it events and the
 //! time, stores it, and carries out its decisions.
 
+pub mod fleet;
 pub mod gate;
 pub mod machine;
 pub mod plan;

@@ -27,7 +27,21 @@ pub enum Spec {
         version: String,
         sha256: String,
     },
+    /// This depot's part of a fleet rollout; the key is the fleet rollout's id. `action` is
+    /// `run`, `pause` or `halt`; `plan` is the depot's own plan for its vehicles (the body of
+    /// its `POST /api/v1/rollouts` without the version).
+    RolloutSlice {
+        fleet_rollout_id: String,
+        phase: String,
+        hardware_id: String,
+        version: String,
+        action: String,
+        plan: serde_json::Value,
+    },
 }
+
+/// The actions a rollout slice can say.
+pub const SLICE_ACTIONS: [&str; 3] = ["run", "pause", "halt"];
 
 /// The key a release object has: one object per image.
 pub fn release_key(hardware_id: &str, version: &str) -> String {
@@ -48,6 +62,7 @@ impl Spec {
             Spec::SiteLimit { .. } => "site_limit",
             Spec::Tariff { .. } => "tariff",
             Spec::Release { .. } => "release",
+            Spec::RolloutSlice { .. } => "rollout_slice",
         }
     }
 
@@ -99,6 +114,35 @@ impl Spec {
                     return Err(format!(
                         "release.sha256: {sha256:?} is not a SHA-256 in hex"
                     ));
+                }
+            }
+            Spec::RolloutSlice {
+                fleet_rollout_id,
+                phase,
+                hardware_id,
+                version,
+                action,
+                plan,
+            } => {
+                for (field, value) in [
+                    ("fleet_rollout_id", fleet_rollout_id),
+                    ("phase", phase),
+                    ("hardware_id", hardware_id),
+                    ("version", version),
+                ] {
+                    if !is_name(value) {
+                        return Err(format!(
+                            "rollout_slice.{field}: {value:?} is not a name (letters, digits, . - +)"
+                        ));
+                    }
+                }
+                if !SLICE_ACTIONS.contains(&action.as_str()) {
+                    return Err(format!(
+                        "rollout_slice.action: {action:?} is not one of run, pause, halt"
+                    ));
+                }
+                if !plan.is_object() {
+                    return Err("rollout_slice.plan: not a JSON object".into());
                 }
             }
         }
@@ -177,7 +221,19 @@ impl DesiredRevision {
             {
                 return Err(format!("{name}: a release's key is hardware/version"));
             }
-            if !matches!(o.kind.as_str(), "site_limit" | "tariff" | "release") {
+            if let Some(Spec::RolloutSlice {
+                fleet_rollout_id, ..
+            }) = &spec
+                && &o.key != fleet_rollout_id
+            {
+                return Err(format!(
+                    "{name}: a rollout slice's key is its fleet rollout id"
+                ));
+            }
+            if !matches!(
+                o.kind.as_str(),
+                "site_limit" | "tariff" | "release" | "rollout_slice"
+            ) {
                 return Err(format!("{name}: unknown kind"));
             }
             objects.push(DesiredObject {
@@ -209,7 +265,15 @@ fn spec_from_wire(spec: pb::desired_object::Spec) -> Result<Spec, String> {
             version: r.version,
             sha256: r.sha256,
         }),
-        W::RolloutSlice(_) => Err("fleet rollout slices are not supported by this depot".into()),
+        W::RolloutSlice(r) => Ok(Spec::RolloutSlice {
+            fleet_rollout_id: r.fleet_rollout_id,
+            phase: r.phase,
+            hardware_id: r.hardware_id,
+            version: r.version,
+            action: r.action,
+            plan: serde_json::from_str(&r.plan_json)
+                .map_err(|e| format!("rollout_slice.plan: {e}"))?,
+        }),
     }
 }
 
@@ -242,6 +306,21 @@ pub fn object_to_wire(
                 version: version.clone(),
                 sha256: sha256.clone(),
             }),
+            Spec::RolloutSlice {
+                fleet_rollout_id,
+                phase,
+                hardware_id,
+                version,
+                action,
+                plan,
+            } => W::RolloutSlice(pb::RolloutSlice {
+                fleet_rollout_id: fleet_rollout_id.clone(),
+                phase: phase.clone(),
+                hardware_id: hardware_id.clone(),
+                version: version.clone(),
+                action: action.clone(),
+                plan_json: plan.to_string(),
+            }),
         }),
     }
 }
@@ -249,6 +328,7 @@ pub fn object_to_wire(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn wire(revision: u64, full: bool, objects: Vec<pb::DesiredObject>) -> pb::DesiredState {
         pb::DesiredState {
@@ -257,6 +337,22 @@ mod tests {
             objects,
             base_revision: 2,
         }
+    }
+
+    fn slice(id: &str, action: &str, plan: serde_json::Value) -> pb::DesiredObject {
+        object_to_wire(
+            "rollout_slice",
+            id,
+            1,
+            Some(&Spec::RolloutSlice {
+                fleet_rollout_id: id.into(),
+                phase: "canary".into(),
+                hardware_id: "hw".into(),
+                version: "2.0.0".into(),
+                action: action.into(),
+                plan,
+            }),
+        )
     }
 
     fn limit(kw: f64, generation: u64) -> pb::DesiredObject {
@@ -280,9 +376,14 @@ mod tests {
                 limit(120.0, 2),
                 object_to_wire("tariff", "site", 1, Some(&tariff)),
                 object_to_wire("site_limit", "old", 4, None),
+                slice("f1", "halt", json!({"waves": [{"count": 2}]})),
             ],
         );
         let rev = DesiredRevision::from_wire(msg, 2).unwrap();
+        assert!(matches!(
+            &rev.objects[3].spec,
+            Some(Spec::RolloutSlice { action, plan, .. }) if action == "halt" && plan["waves"][0]["count"] == 2
+        ));
         assert_eq!(rev.revision, 3);
         assert_eq!(
             rev.objects[0].spec,
@@ -389,6 +490,43 @@ mod tests {
                     )],
                 ),
                 "a release's key is hardware/version",
+            ),
+            (
+                wire(5, false, vec![slice("f1", "launch", json!({}))]),
+                "rollout_slice.action: \"launch\" is not one of",
+            ),
+            (
+                wire(5, false, vec![slice("f1", "run", json!([1]))]),
+                "rollout_slice.plan: not a JSON object",
+            ),
+            (
+                wire(
+                    5,
+                    false,
+                    vec![pb::DesiredObject {
+                        key: "other".into(),
+                        ..slice("f1", "run", json!({}))
+                    }],
+                ),
+                "a rollout slice's key is its fleet rollout id",
+            ),
+            (
+                wire(
+                    5,
+                    false,
+                    vec![pb::DesiredObject {
+                        spec: Some(pb::desired_object::Spec::RolloutSlice(pb::RolloutSlice {
+                            fleet_rollout_id: "f1".into(),
+                            phase: "canary".into(),
+                            hardware_id: "hw".into(),
+                            version: "2.0.0".into(),
+                            action: "run".into(),
+                            plan_json: "{not json".into(),
+                        })),
+                        ..slice("f1", "run", json!({}))
+                    }],
+                ),
+                "rollout_slice.plan: key must be a string",
             ),
             (
                 wire(

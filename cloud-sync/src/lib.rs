@@ -10,11 +10,13 @@
 
 pub mod client;
 pub mod desired;
+mod fleet_store;
 pub mod pki;
 pub mod server;
 mod store;
 pub mod token;
 
+pub use fleet_store::{FleetLogRow, FleetRolloutRow, FleetStep, NewFleetRollout};
 pub use store::{
     AuditRow, CloudStore, CloudStoreError, DepotRow, DesiredRow, EventRow, ReportedRow,
     TokenRefused,

@@ -33,6 +33,8 @@ pub enum CloudStoreError {
     UnknownDepot(String),
     #[error("depot {0:?} is revoked; enrol the machine under a new name")]
     RevokedDepot(String),
+    #[error("no fleet rollout {0:?}")]
+    UnknownFleetRollout(String),
 }
 
 /// Why an enrolment token was not accepted.
@@ -57,7 +59,7 @@ enum Backend {
 /// A pool of connections to the cloud database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct CloudStore {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     backend: Backend,
 }
 
@@ -174,7 +176,7 @@ fn desired_row(r: &sqlx::any::AnyRow) -> Result<DesiredRow, CloudStoreError> {
     })
 }
 
-fn json_of(text: &str) -> serde_json::Value {
+pub(crate) fn json_of(text: &str) -> serde_json::Value {
     // A depot's JSON was checked on the way in; should it not parse, show it as text rather
     // than hide the row.
     serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
@@ -936,7 +938,7 @@ impl CloudStore {
     }
 }
 
-async fn audit_in(
+pub(crate) async fn audit_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     now_ms: i64,
     actor: &str,

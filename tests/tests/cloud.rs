@@ -138,17 +138,28 @@ impl Cloud {
 }
 
 fn start_depot(data_dir: &Path, cloud_url: &str, token: Option<&str>) -> Result<Server> {
+    start_depot_with(data_dir, cloud_url, token, &[])
+}
+
+fn start_depot_with(
+    data_dir: &Path,
+    cloud_url: &str,
+    token: Option<&str>,
+    env: &[(&str, &str)],
+) -> Result<Server> {
     let mut args = vec!["--cloud".to_owned(), cloud_url.to_owned()];
     if let Some(token) = token {
         args.extend(["--enroll-token".to_owned(), token.to_owned()]);
     }
+    let mut all = vec![
+        ("ATLASMESH_CLOUD_LINK__REPORT_INTERVAL".into(), "1s".into()),
+        ("ATLASMESH_DISKS__ENABLED".into(), "false".into()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Server::start(Options {
         mode: Mode::Depot,
         data_dir: Some(data_dir.to_owned()),
-        env: vec![
-            ("ATLASMESH_CLOUD_LINK__REPORT_INTERVAL".into(), "1s".into()),
-            ("ATLASMESH_DISKS__ENABLED".into(), "false".into()),
-        ],
+        env: all,
         args,
     })
 }
@@ -862,5 +873,268 @@ fn a_release_published_in_the_cloud_is_staged_on_two_depots_fetching_only_missin
         v2.len()
     );
     assert!(!staged_images(&depots[1].0, &depots[1].1).contains(&"av-compute/1.1.0".to_owned()));
+    Ok(())
+}
+
+/// A running `atlasmesh sim`, stopped when dropped.
+struct Sim(std::process::Child);
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn post_json(cloud: &Cloud, token: &str, path: &str, body: Value) -> (u16, Value) {
+    let response = http()
+        .post(cloud.server.url(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .expect("fleet API request");
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_fleet_rollout_runs_in_phases_over_depots_and_halts_before_the_next_phase_on_a_bad_release()
+-> Result<()> {
+    use atlasmesh_tests::ota::{Fleet, random_bytes};
+    const HW: &str = "fleet-hw";
+    const VEHICLES: usize = 6;
+    let temp = tempfile::tempdir()?;
+    let fleet = Fleet::new()?;
+    let cloud_dir = temp.path().join("cloud");
+    let mut setup = atlasmesh();
+    setup
+        .args(["cloud", "repository", "--root"])
+        .arg(fleet.root())
+        .arg("--keys")
+        .arg(&fleet.keys)
+        .arg("--data-dir")
+        .arg(&cloud_dir);
+    let (status, _, stderr) = run(&mut setup)?;
+    assert!(status.success(), "{stderr}");
+    let cloud = Cloud::start(&cloud_dir, None, &[])?;
+    let api = cloud.api_token();
+    for (version, seed) in [("2.0.0", 2), ("3.0.0", 3)] {
+        fleet.add(HW, version, &random_bytes(200_000, seed), &[])?;
+        let imported = post_bundle(&cloud, &api, std::fs::read(fleet.bundle(HW, version)?)?);
+        assert_eq!(imported.status(), 201);
+    }
+
+    // Two depots, each with its own simulated vehicles on 1.0.0; 3.0.0 fails every install.
+    let mut depots = Vec::new();
+    for name in ["north", "south"] {
+        let token = cloud.enroll_token(name);
+        let depot = start_depot_with(
+            &temp.path().join(name),
+            &cloud.grpc_url(),
+            Some(&token),
+            &[
+                // Simulated vehicles live ten times fast and dock for seconds, not hours.
+                ("ATLASMESH_CANARY__INSTALL_ESTIMATE", "1s"),
+                ("ATLASMESH_CANARY__DEPARTURE_MARGIN", "0s"),
+            ],
+        )?;
+        let local = depot.token("admin");
+        link_reaches(&depot, &local, "online");
+        let mut sim = atlasmesh();
+        sim.args(["sim", "--depot", &depot.url("/"), "--vehicles"])
+            .arg(VEHICLES.to_string())
+            .args(["--sim-second", "100ms", "--seed", "5", "--sim-hardware", HW])
+            .args(["--sim-version", "1.0.0", "--fail", "3.0.0=1.0"])
+            .env("ATLASMESH_TOKEN", &local)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(mqtt) = &depot.mqtt {
+            sim.args(["--mqtt", &format!("mqtt://{mqtt}")]);
+        }
+        let sim = Sim(sim.spawn()?);
+        depots.push((name, depot, local, sim));
+    }
+    let running = |depot: &Server, local: &str, version: &str| {
+        depot_get(depot, local, "/api/v1/vehicles")["vehicles"]
+            .as_array()
+            .map_or(0, |a| {
+                a.iter()
+                    .filter(|v| v["installed_version"] == version)
+                    .count()
+            })
+    };
+    for (_, depot, local, _) in &depots {
+        wait_for(Duration::from_secs(60), "the simulated vehicles", || {
+            (running(depot, local, "1.0.0") == VEHICLES).then_some(())
+        });
+    }
+
+    let depot_plan = json!({
+        "waves": [{"count": 3}, {"percent": 100}],
+        "gate": {"threshold": 0.8, "confidence": 0.8},
+        "soak": "1s",
+        "vehicle_deadline": "60s",
+        "max_concurrent": 10,
+    });
+    let request = |version: &str| {
+        json!({
+            "hardware_id": HW,
+            "version": version,
+            "phases": [
+                {"name": "canary", "depots": ["north"]},
+                {"name": "all", "depots": ["south"]},
+            ],
+            "gate": {"threshold": 0.8, "confidence": 0.8},
+            "soak": "2s",
+            "depot_plan": depot_plan,
+        })
+    };
+    // Refusals change nothing.
+    let (status, body) = post_json(&cloud, &api, "/api/v1/fleet-rollouts", request("9.9.9"));
+    assert_eq!(status, 422, "{body}");
+    let mut unknown = request("2.0.0");
+    unknown["phases"][1]["depots"] = json!(["nowhere"]);
+    let (status, body) = post_json(&cloud, &api, "/api/v1/fleet-rollouts", unknown);
+    assert_eq!(status, 404, "{body}");
+    let mut bad_plan = request("2.0.0");
+    bad_plan["depot_plan"] = json!({"waves": "many"});
+    let (status, body) = post_json(&cloud, &api, "/api/v1/fleet-rollouts", bad_plan);
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("depot_plan"),
+        "{body}"
+    );
+    assert_eq!(
+        cloud.get(&api, "/api/v1/fleet-rollouts")["fleet_rollouts"],
+        json!([])
+    );
+
+    // A good release: the canary depot first, then the rest once it completed and soaked.
+    let (status, good) = post_json(&cloud, &api, "/api/v1/fleet-rollouts", request("2.0.0"));
+    assert_eq!(status, 201, "{good}");
+    let good_id = good["id"].as_str().unwrap().to_owned();
+    assert_eq!(good["phase"], "canary");
+    let (status, twice) = post_json(&cloud, &api, "/api/v1/fleet-rollouts", request("3.0.0"));
+    assert_eq!(
+        status, 409,
+        "one fleet rollout per hardware at a time: {twice}"
+    );
+    let south_slice = |id: &str| {
+        cloud.get(&api, "/api/v1/depots/south")["desired"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["kind"] == "rollout_slice" && d["key"] == id)
+    };
+    let path = format!("/api/v1/fleet-rollouts/{good_id}");
+    let mut south_waited = false;
+    let done = wait_for(
+        Duration::from_secs(180),
+        "the good release everywhere",
+        || {
+            let r = cloud.get(&api, &path);
+            if r["status"] == "halted" {
+                let (_, north, local, _) = &depots[0];
+                let mine = depot_get(north, local, "/api/v1/rollouts");
+                let id = mine["rollouts"][0]["id"].as_i64().unwrap_or(0);
+                panic!(
+                    "halted: {r}\nnorth's rollout: {}",
+                    depot_get(north, local, &format!("/api/v1/rollouts/{id}"))
+                );
+            }
+            let north = &r["depots"][0];
+            if north["state"] != "completed" {
+                // While the canary depot is at it, the next phase has not started.
+                assert!(!south_slice(&good_id), "{r}");
+                south_waited = true;
+            }
+            (r["status"] == "completed").then_some(r)
+        },
+    );
+    assert!(south_waited);
+    for d in done["depots"].as_array().unwrap() {
+        assert_eq!(d["state"], "completed", "{done}");
+        assert_eq!(d["tally"]["successes"], VEHICLES, "{done}");
+    }
+    assert_eq!(done["gate"]["verdict"], "pass");
+    assert_eq!(done["gate"]["tally"]["successes"], 2 * VEHICLES);
+    let log: Vec<&Value> = done["log"].as_array().unwrap().iter().collect();
+    assert!(
+        log.iter().any(|e| e["entry"]["decisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["decision"] == "start_phase" && d["phase"] == "all")),
+        "{done}"
+    );
+    for (_, depot, local, _) in &depots {
+        wait_for(Duration::from_secs(30), "2.0.0 on every vehicle", || {
+            (running(depot, local, "2.0.0") == VEHICLES).then_some(())
+        });
+        let local_rollouts = depot_get(depot, local, "/api/v1/rollouts");
+        assert!(
+            local_rollouts
+                .to_string()
+                .contains(&format!("cloud:fleet/{good_id}")),
+            "the depot ran its own rollout for the slice: {local_rollouts}"
+        );
+    }
+
+    // A bad release halts at the canary depot; the other phase never starts.
+    let (status, bad) = post_json(&cloud, &api, "/api/v1/fleet-rollouts", request("3.0.0"));
+    assert_eq!(status, 201, "{bad}");
+    let bad_id = bad["id"].as_str().unwrap().to_owned();
+    let halted = wait_for(Duration::from_secs(120), "the bad release to halt", || {
+        let r = cloud.get(&api, &format!("/api/v1/fleet-rollouts/{bad_id}"));
+        (r["status"] == "halted").then_some(r)
+    });
+    assert!(
+        halted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("depot north halted in phase canary"),
+        "{halted}"
+    );
+    assert_eq!(halted["depots"][1]["action"], Value::Null, "{halted}");
+    assert!(!south_slice(&bad_id), "south was never told to run 3.0.0");
+    let (_, south, south_local, _) = &depots[1];
+    assert_eq!(running(south, south_local, "2.0.0"), VEHICLES);
+    // A halted fleet rollout takes no more commands but a new rollout may start.
+    let (status, _) = post_json(
+        &cloud,
+        &api,
+        &format!("/api/v1/fleet-rollouts/{bad_id}/resume"),
+        json!({}),
+    );
+    assert_eq!(status, 409);
+
+    // The fleet panel shows both, with each depot's part.
+    let panel = atlasmesh_tests::http_with_cookies();
+    panel
+        .post(cloud.server.url("/login"))
+        .form(&[("token", api.as_str())])
+        .send()?;
+    let page = panel
+        .get(cloud.server.url("/fleet-rollouts"))
+        .send()?
+        .text()?;
+    let card = page
+        .split(&format!("data-fleet-rollout=\"{bad_id}\""))
+        .nth(1)
+        .expect("the bad rollout on the panel");
+    assert!(
+        card.contains("halted") && card.contains("depot north halted"),
+        "{card}"
+    );
+    assert!(page.contains(&format!("data-fleet-rollout=\"{good_id}\"")));
+    let releases = panel.get(cloud.server.url("/releases")).send()?.text()?;
+    assert!(releases.contains(&format!("data-release=\"{HW}/3.0.0\"")));
+    let audit = cloud.get(&api, "/api/v1/audit?limit=200").to_string();
+    assert!(audit.contains("fleet_rollout.create"), "{audit}");
     Ok(())
 }

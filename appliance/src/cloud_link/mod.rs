@@ -7,6 +7,7 @@
 
 pub mod db;
 mod releases;
+mod slices;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,6 +90,7 @@ pub struct CloudLink {
     reporter: Reporter,
     metrics: Metrics,
     releases: Arc<releases::Releases>,
+    slices: Arc<slices::Slices>,
 }
 
 /// Builds the reported objects from the depot's own views.
@@ -96,6 +98,7 @@ pub struct CloudLink {
 pub struct Reporter {
     pub store: Store,
     pub ota: Arc<crate::ota::Ota>,
+    pub rollouts: Arc<crate::rollouts::Rollouts>,
     pub charging: Arc<crate::charging::Charging>,
     pub depot_name: String,
     pub local_id: String,
@@ -141,8 +144,14 @@ impl CloudLink {
             store.clone(),
             reporter.local_id.clone(),
         );
+        let slices = slices::Slices::new(
+            reporter.rollouts.clone(),
+            reporter.ota.clone(),
+            store.clone(),
+        );
         let link = Arc::new(Self {
             releases,
+            slices,
             store,
             config,
             data_dir,
@@ -229,6 +238,7 @@ impl CloudLink {
         tokio::spawn(self.clone().prune(shutdown.clone()));
         self.releases.set_credentials(&creds);
         self.releases.spawn(shutdown.clone());
+        self.slices.spawn(shutdown.clone());
         let options = ClientOptions {
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             report_interval: self.config.report_interval,
@@ -426,6 +436,7 @@ impl DepotSide for Side {
         // Site limit and tariff overrides take effect on the next plan; releases are staged.
         self.0.reporter.charging.replan();
         self.0.releases.nudge();
+        self.0.slices.nudge();
         Ok(())
     }
 
@@ -472,6 +483,7 @@ impl DepotSide for Side {
                 json: serde_json::to_string(&r).unwrap_or_default(),
             });
         }
+        out.extend(self.0.slices.reported());
         Ok(out)
     }
 
@@ -658,7 +670,7 @@ pub fn site_overrides(
         match d.spec {
             Spec::SiteLimit { limit_kw } => limit = Some(limit_kw),
             Spec::Tariff { prices_per_kwh } => tariff = Some(prices_per_kwh),
-            Spec::Release { .. } => {}
+            Spec::Release { .. } | Spec::RolloutSlice { .. } => {}
         }
     }
     Ok((limit, tariff))

@@ -283,6 +283,8 @@ impl Releases {
                     state.state = "staged";
                     state.error = None;
                     state.retry_at = None;
+                    // The release brought the certifier key a waiting certificate needs.
+                    self.install_pending().await;
                 }
                 Err(OtaError::Busy(_)) => {
                     // A technician's job holds the stager; not an attempt of ours.

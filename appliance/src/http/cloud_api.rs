@@ -20,7 +20,10 @@ use atlasmesh_cloud_sync::server::Clock;
 use atlasmesh_cloud_sync::token::{EnrollToken, hash_secret};
 use atlasmesh_cloud_sync::{CloudStore, CloudStoreError};
 
+use atlasmesh_canary::fleet::FleetEvent;
+
 use super::error::ApiError;
+use crate::cloud_fleet::{CreateFleetRollout, FleetError};
 
 /// Fleet roles: viewers read, operators change depots' desired state, admins also enrol and
 /// revoke depots and read the audit log.
@@ -60,6 +63,8 @@ pub struct CloudApp {
     pub online_within: Duration,
     /// The image repository and chunk store depots stage releases from.
     pub repository: Arc<crate::cloud_repo::Repository>,
+    /// Fleet rollouts: a release over depots in phases.
+    pub fleet: Arc<crate::cloud_fleet::FleetRollouts>,
 }
 
 impl CloudApp {
@@ -187,9 +192,105 @@ where
             "/api/v1/releases/{hardware}/{version}/stage",
             post(stage_release),
         )
+        .route(
+            "/api/v1/fleet-rollouts",
+            get(list_fleet_rollouts).post(create_fleet_rollout),
+        )
+        .route("/api/v1/fleet-rollouts/{id}", get(get_fleet_rollout))
+        .route(
+            "/api/v1/fleet-rollouts/{id}/{command}",
+            post(command_fleet_rollout),
+        )
         .route("/api/v1/enroll-tokens", post(mint_token))
         .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/ca", get(ca_certificate))
+}
+
+fn fleet_error(e: FleetError) -> ApiError {
+    match e {
+        FleetError::Invalid(m) => ApiError::invalid(m),
+        FleetError::NotFound(m) => ApiError::not_found(m),
+        FleetError::Conflict(m) => ApiError::conflict(m),
+        FleetError::Store(CloudStoreError::UnknownFleetRollout(id)) => {
+            ApiError::not_found(format!("no fleet rollout {id:?}"))
+        }
+        FleetError::Store(e) => store_error(e),
+        other => ApiError::internal(other),
+    }
+}
+
+async fn list_fleet_rollouts(
+    _: Viewer,
+    State(app): State<CloudApp>,
+) -> Result<Json<Value>, ApiError> {
+    let rollouts = app.fleet.list().await.map_err(fleet_error)?;
+    Ok(Json(json!({ "fleet_rollouts": rollouts })))
+}
+
+/// `POST /api/v1/fleet-rollouts`: a published release over depots in phases.
+async fn create_fleet_rollout(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    body: Result<Json<CreateFleetRollout>, JsonRejection>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let Json(body) = body?;
+    let created = app
+        .fleet
+        .create(body, &caller.actor())
+        .await
+        .map_err(fleet_error)?;
+    Ok((axum::http::StatusCode::CREATED, Json(created)))
+}
+
+async fn get_fleet_rollout(
+    _: Viewer,
+    State(app): State<CloudApp>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(app.fleet.get(&id).await.map_err(fleet_error)?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FleetCommandBody {
+    /// `resume`: start the next phase although the fleet gate could not judge.
+    #[serde(default)]
+    accept_inconclusive: bool,
+    /// `halt`: why, for the log and the depots.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/fleet-rollouts/{id}/pause|resume|halt`.
+async fn command_fleet_rollout(
+    caller: Operator,
+    State(app): State<CloudApp>,
+    Path((id, command)): Path<(String, String)>,
+    body: Option<Json<FleetCommandBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let event = match command.as_str() {
+        "pause" => FleetEvent::Pause,
+        "resume" => FleetEvent::Resume {
+            accept_inconclusive: body.accept_inconclusive,
+        },
+        "halt" => FleetEvent::Halt {
+            reason: body
+                .reason
+                .unwrap_or_else(|| format!("halted by {}", caller.actor())),
+        },
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no command {other:?}: pause, resume or halt"
+            )));
+        }
+    };
+    Ok(Json(
+        app.fleet
+            .command(&id, event, &caller.actor())
+            .await
+            .map_err(fleet_error)?,
+    ))
 }
 
 fn depot_json(app: &CloudApp, d: &atlasmesh_cloud_sync::DepotRow) -> Value {

@@ -1,5 +1,7 @@
 //! The fleet panel of `atlasmesh cloud`: every depot with its link, last contact, health,
-//! version and sync state, server-rendered (maud) with the depot panel's embedded assets.
+//! version and sync state; the releases in the image repository; fleet rollouts with their
+//! phases, each depot's part and the fleet gate. Server-rendered (maud) with the depot
+//! panel's embedded assets.
 //!
 //! Sign-in is with a fleet API token (viewer or above), kept in an HttpOnly, SameSite=Strict
 //! cookie (Secure under TLS). The panel only reads; changes go through the fleet API.
@@ -31,6 +33,8 @@ where
 {
     Router::new()
         .route("/", get(depots))
+        .route("/releases", get(releases))
+        .route("/fleet-rollouts", get(fleet_rollouts))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/assets/{file}", get(assets::serve))
@@ -53,6 +57,11 @@ fn page(title: &str, body: Markup) -> Markup {
                         img src=(assets::url("favicon.svg")) alt="" width="28" height="28";
                         span { "AtlasMesh fleet" }
                     }
+                    nav aria-label="Sections" {
+                        a href="/" { "Depots" } " · "
+                        a href="/releases" { "Releases" } " · "
+                        a href="/fleet-rollouts" { "Fleet rollouts" }
+                    }
                 }
                 main { h1 { (title) } (body) }
             }
@@ -71,14 +80,125 @@ fn token_of(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-async fn depots(State(app): State<CloudApp>, headers: HeaderMap) -> Response {
-    let Some(token) = token_of(&headers) else {
-        return Redirect::to("/login").into_response();
+/// `Err` is the answer for a caller without a valid token: the sign-in page.
+async fn signed_in(app: &CloudApp, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = token_of(headers) else {
+        return Err(Redirect::to("/login").into_response());
     };
     match app.store.api_token(&hash_secret(&token)).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return Redirect::to("/login").into_response(),
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(Redirect::to("/login").into_response()),
+        Err(e) => Err(super::error::ApiError::internal(e).into_response()),
+    }
+}
+
+async fn releases(State(app): State<CloudApp>, headers: HeaderMap) -> Response {
+    if let Err(r) = signed_in(&app, &headers).await {
+        return r;
+    }
+    let releases = match app.repository.releases() {
+        Ok(r) => r,
         Err(e) => return super::error::ApiError::internal(e).into_response(),
+    };
+    let status = app.repository.status();
+    let body = html! {
+        p.muted {
+            "Snapshot v" (status["snapshot_version"]) ", timestamp v" (status["timestamp_version"])
+            @if let Some(t) = status["timestamp_expires"].as_str() { " (expires " (t) ")" }
+            @if status["online_keys"] != true { " · " span.pill.warn { "no online keys: run atlasmesh cloud repository" } }
+        }
+        @if releases.is_empty() {
+            p.muted { "No releases yet: upload a release bundle with " code { "POST /api/v1/releases" } "." }
+        } @else {
+            table.data data-releases {
+                thead { tr { th { "Hardware" } th { "Version" } th { "Size" } th { "Chunks" } th { "SHA-256" } th { "Released" } } }
+                tbody {
+                    @for r in &releases {
+                        tr data-release=(format!("{}/{}", r.hardware_id, r.version)) {
+                            td { (r.hardware_id) } td { strong { (r.version) } }
+                            td { (format!("{:.1} MiB", r.length as f64 / 1048576.0)) }
+                            td { (r.chunks) }
+                            td { code { (&r.sha256[..16.min(r.sha256.len())]) "…" } }
+                            td { (r.released_at.as_deref().unwrap_or("")) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page("Releases", body).into_response()
+}
+
+fn state_pill(state: &str) -> &'static str {
+    match state {
+        "completed" | "running" => "ok",
+        "halted" | "failed" | "rolled_back" => "crit",
+        "paused" | "waiting" => "warn",
+        _ => "idle",
+    }
+}
+
+async fn fleet_rollouts(State(app): State<CloudApp>, headers: HeaderMap) -> Response {
+    if let Err(r) = signed_in(&app, &headers).await {
+        return r;
+    }
+    let rollouts = match app.fleet.list().await {
+        Ok(r) => r,
+        Err(e) => return super::error::ApiError::internal(e).into_response(),
+    };
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let body = html! {
+        @if rollouts.is_empty() {
+            p.muted { "No fleet rollouts yet: start one with " code { "POST /api/v1/fleet-rollouts" } "." }
+        }
+        @for r in &rollouts {
+            @let status = text(&r["status"]);
+            section.card data-fleet-rollout=(text(&r["id"])) {
+                h2 {
+                    (text(&r["hardware_id"])) " " (text(&r["version"])) " "
+                    span.pill.(state_pill(&status)) { (status) }
+                    " " code.muted { (text(&r["id"])) }
+                }
+                @if let Some(reason) = r["reason"].as_str() {
+                    div.banner.(if status == "halted" { "crit" } else { "warn" }) role="status" { (reason) }
+                }
+                p.muted {
+                    "Fleet gate: " (r["gate"]["verdict"].as_str().unwrap_or("")) " · "
+                    (r["gate"]["tally"]["successes"]) " succeeded, "
+                    (r["gate"]["tally"]["failures"]) " failed, "
+                    (r["gate"]["tally"]["silent"]) " silent, "
+                    (r["gate"]["tally"]["pending"]) " pending · threshold "
+                    (r["gate"]["threshold"]) " at " (r["gate"]["confidence"]) " confidence · soak "
+                    (r["soak_seconds"]) " s between phases"
+                }
+                table.data {
+                    thead { tr { th { "Phase" } th { "Depot" } th { "Told" } th { "State" } th { "Succeeded" } th { "Failed" } th { "Pending" } } }
+                    tbody {
+                        @for d in r["depots"].as_array().into_iter().flatten() {
+                            @let state = text(&d["state"]);
+                            tr data-depot=(text(&d["name"])) {
+                                td { (text(&d["phase"])) } td { strong { (text(&d["name"])) } }
+                                td { (d["action"].as_str().unwrap_or("not yet")) }
+                                td {
+                                    span.pill.(state_pill(&state)) { (state) }
+                                    @if let Some(why) = d["reason"].as_str() { br; span.muted { (why) } }
+                                }
+                                td { (d["tally"]["successes"]) }
+                                td { (d["tally"]["failures"].as_u64().unwrap_or(0) + d["tally"]["silent"].as_u64().unwrap_or(0)) }
+                                td { (d["tally"]["pending"]) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page("Fleet rollouts", body).into_response()
+}
+
+async fn depots(State(app): State<CloudApp>, headers: HeaderMap) -> Response {
+    if let Err(r) = signed_in(&app, &headers).await {
+        return r;
     }
     let depots = match app.store.depots().await {
         Ok(d) => d,

@@ -90,7 +90,7 @@ pub struct CreateRollout {
 }
 
 /// One vehicle of a rollout, for the API and the panel.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct VehicleRow {
     pub id: String,
     pub stage: Stage,
@@ -102,7 +102,7 @@ pub struct VehicleRow {
     pub from_version: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RolloutView {
     pub id: i64,
     pub hardware_id: String,
