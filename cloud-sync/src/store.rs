@@ -980,11 +980,11 @@ mod tests {
     #[tokio::test]
     async fn connects_migrates_and_pings() {
         let (dir, store) = store().await;
-        assert_eq!(store.ping().await.unwrap(), 2);
+        assert_eq!(store.ping().await.unwrap(), 3);
         store.close().await;
         let url = format!("sqlite://{}", dir.path().join("cloud.db").display());
         let again = CloudStore::connect(&url).await.unwrap();
-        assert_eq!(again.ping().await.unwrap(), 2);
+        assert_eq!(again.ping().await.unwrap(), 3);
     }
 
     #[tokio::test]
