@@ -4,7 +4,10 @@
         connects with a Last Will on .../link, subscribes to its commands, publishes link
         online and its dock (retained, QoS 1), and waits for an OTA command: prints it as JSON.
     mqtt_vehicle.py publish --port P --vehicle V --password S --topic T (--payload X | --size N)
-        publishes one QoS 1 message; prints {"connected", "acked"} half a second later.
+                            [--count C]
+        publishes one QoS 1 message (or C of them, each with `{n}` in the payload replaced by
+        its number from 1); prints {"connected", "acked"} half a second after the last is
+        acknowledged ("acked" counts them with --count).
     mqtt_vehicle.py subscribe --port P --vehicle V --password S --topic T [--listen S]
         prints {"connected", "granted", "messages"}: what the broker answered a subscription,
         and the topics of what it delivered in the S seconds after (none by default).
@@ -92,22 +95,28 @@ def cmd_dock(args):
 
 def cmd_publish(args):
     c = client(args)
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
     result = wait_connected(c, args)
     if result.get("rc") != 0:
         print(json.dumps({"connected": False, "acked": False, "rc": result.get("rc")}))
         return 0
-    payload = args.payload.encode() if args.payload is not None else b"x" * args.size
-    info = c.publish(args.topic, payload, qos=1)
-    acked = False
-    deadline = time.time() + 3
-    while time.time() < deadline and not info.is_published():
+    infos = []
+    for n in range(1, args.count + 1):
+        if args.payload is not None:
+            payload = args.payload.replace("{n}", str(n)).encode()
+        else:
+            payload = b"x" * args.size
+        infos.append(c.publish(args.topic, payload, qos=1))
+    deadline = time.time() + 3 + args.count / 500
+    while time.time() < deadline and not all(i.is_published() for i in infos):
         time.sleep(0.02)
-    acked = info.is_published()
+    acked = sum(1 for i in infos if i.is_published())
     time.sleep(0.5)
     connected = not DROPPED.is_set()
     c.disconnect()
     c.loop_stop()
-    print(json.dumps({"connected": connected, "acked": acked}))
+    print(json.dumps({"connected": connected, "acked": acked if args.count > 1 else acked == 1}))
     return 0
 
 
@@ -162,6 +171,7 @@ def main():
     p.add_argument("--topic")
     p.add_argument("--payload")
     p.add_argument("--size", type=int, default=0)
+    p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=20)
     p.add_argument("--listen", type=float, default=0)
     args = p.parse_args()
