@@ -437,6 +437,46 @@ fn the_fleet_api_needs_a_role_for_every_route() -> Result<()> {
         .json(&json!({ "prices_per_kwh": vec![0.1; 96] }))
         .send()?;
     assert_eq!(unknown.status(), 404);
+    // Fleet rollouts: a role for each route, operators to change, clear refusals.
+    for (method, path) in [
+        ("GET", "/api/v1/fleet-rollouts"),
+        ("POST", "/api/v1/fleet-rollouts"),
+        ("GET", "/api/v1/fleet-rollouts/fr-1"),
+        ("POST", "/api/v1/fleet-rollouts/fr-1/halt"),
+    ] {
+        let url = cloud.server.url(path);
+        let anonymous = match method {
+            "GET" => http().get(&url),
+            _ => http().post(&url).json(&json!({})),
+        }
+        .send()?;
+        assert_eq!(anonymous.status(), 401, "{method} {path}");
+        if method == "POST" {
+            let viewer_post = http()
+                .post(&url)
+                .bearer_auth(&viewer)
+                .json(&json!({}))
+                .send()?;
+            assert_eq!(viewer_post.status(), 403, "{method} {path}");
+        }
+    }
+    let malformed = http()
+        .post(cloud.server.url("/api/v1/fleet-rollouts"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body("{\"hardware_id\": ")
+        .send()?;
+    assert_eq!(malformed.status(), 400);
+    let missing = http()
+        .get(cloud.server.url("/api/v1/fleet-rollouts/fr-none"))
+        .bearer_auth(&viewer)
+        .send()?;
+    assert_eq!(missing.status(), 404);
+    let no_command = http()
+        .post(cloud.server.url("/api/v1/fleet-rollouts/fr-none/launch"))
+        .bearer_auth(&admin)
+        .send()?;
+    assert_eq!(no_command.status(), 404);
     Ok(())
 }
 
