@@ -1372,3 +1372,84 @@ fn ten_thousand_events_made_while_the_cloud_is_down_arrive_exactly_once_and_a_ki
     assert_eq!(site["limit_kw"], 60.0, "the earlier revision still holds");
     Ok(())
 }
+
+#[test]
+fn a_depot_killed_while_fetching_a_release_resumes_and_fetches_only_what_it_lacks() -> Result<()> {
+    use atlasmesh_tests::ota::{Fleet, random_bytes};
+    const LEN: usize = 24 << 20;
+    let temp = tempfile::tempdir()?;
+    let fleet = Fleet::new()?;
+    let image = random_bytes(LEN, 91);
+    fleet.add("av-compute", "4.0.0", &image, &[])?;
+    let cloud_dir = temp.path().join("cloud");
+    let mut setup = atlasmesh();
+    setup
+        .args(["cloud", "repository", "--root"])
+        .arg(fleet.root())
+        .arg("--keys")
+        .arg(&fleet.keys)
+        .arg("--data-dir")
+        .arg(&cloud_dir);
+    let (status, _, stderr) = run(&mut setup)?;
+    assert!(status.success(), "{stderr}");
+    let cloud = Cloud::start(&cloud_dir, None, &[])?;
+    let api = cloud.api_token();
+    let bundle = std::fs::read(fleet.bundle("av-compute", "4.0.0")?)?;
+    assert_eq!(post_bundle(&cloud, &api, bundle).status(), 201);
+
+    // A slow link (4 MB/s): the depot is killed a third of the way through.
+    let depot_dir = temp.path().join("north");
+    let token = cloud.enroll_token("north");
+    let slow = [("ATLASMESH_OTA__DOWNLOAD_BYTES_PER_SECOND", "4000000")];
+    let mut depot = start_depot_with(&depot_dir, &cloud.grpc_url(), Some(&token), &slow)?;
+    let local = depot.token("admin");
+    link_reaches(&depot, &local, "online");
+    let stage = http()
+        .post(cloud.server.url("/api/v1/releases/av-compute/4.0.0/stage"))
+        .bearer_auth(&api)
+        .json(&json!({ "depots": ["north"] }))
+        .send()?;
+    assert_eq!(stage.status(), 200);
+    let fetched = |depot: &Server| {
+        depot.metrics().map_or(0.0, |m| {
+            atlasmesh_tests::metric_sum(
+                &m,
+                "atlasmesh_ota_cloud_chunk_bytes_total",
+                &["source=\"fetched\""],
+            )
+        }) as usize
+    };
+    let before = wait_for(Duration::from_secs(60), "a third of the image", || {
+        let f = fetched(&depot);
+        (f >= LEN / 3).then_some(f)
+    });
+    assert!(before < LEN, "killed before the end: {before}");
+    depot.kill9()?;
+
+    // Restarted at full speed, it keeps what verifies and fetches the rest.
+    let depot = start_depot(&depot_dir, &cloud.grpc_url(), None)?;
+    wait_for(Duration::from_secs(90), "the release staged", || {
+        staged_images(&depot, &local)
+            .contains(&"av-compute/4.0.0".to_owned())
+            .then_some(())
+    });
+    let after = fetched(&depot);
+    assert!(
+        after + LEN / 4 <= LEN,
+        "fetched {after} of {LEN} bytes after the restart (had {before} before the kill)"
+    );
+    let staged = depot_get(&depot, &local, "/api/v1/images");
+    let image_row = staged["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["version"] == "4.0.0")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        image_row["length"].as_u64(),
+        Some(LEN as u64),
+        "{image_row}"
+    );
+    Ok(())
+}

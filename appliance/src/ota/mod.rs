@@ -689,7 +689,23 @@ impl Ota {
             let file = staging_file.clone();
             let counter = done.clone();
             let store = self.store.clone();
-            let stats = Arc::new(sources::ChunkStats::default());
+            // One statement each: the family's guard must be gone before the next lookup,
+            // which may need its write lock.
+            let reused = self
+                .metrics
+                .cloud_chunk_bytes
+                .get_or_create(&SourceLabels { source: "reused" })
+                .clone();
+            let fetched = self
+                .metrics
+                .cloud_chunk_bytes
+                .get_or_create(&SourceLabels { source: "fetched" })
+                .clone();
+            let stats = Arc::new(sources::ChunkStats {
+                reused,
+                fetched,
+                ..Default::default()
+            });
             let job_stats = stats.clone();
             let (release, ingested) =
                 tokio::task::spawn_blocking(move || -> Result<_, StagingError> {
@@ -752,14 +768,6 @@ impl Ota {
                     stats.reused_bytes.load(Ordering::Relaxed),
                     stats.fetched_bytes.load(Ordering::Relaxed),
                 );
-                self.metrics
-                    .cloud_chunk_bytes
-                    .get_or_create(&SourceLabels { source: "reused" })
-                    .inc_by(reused);
-                self.metrics
-                    .cloud_chunk_bytes
-                    .get_or_create(&SourceLabels { source: "fetched" })
-                    .inc_by(fetched);
                 tracing::info!(
                     job,
                     reused_chunks = stats.reused_chunks.load(Ordering::Relaxed),

@@ -379,13 +379,17 @@ mod tests {
 /// that the bandwidth cap and a slow link are not swamped.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
-/// Where each chunk of an image came from, for the job's record.
+/// Where each chunk of an image came from, for the job's record; `reused` and `fetched` are
+/// the depot's metric counters, moved as each chunk arrives so a long fetch shows progress
+/// (and an interrupted one what it cost).
 #[derive(Debug, Default)]
 pub struct ChunkStats {
     pub reused_chunks: std::sync::atomic::AtomicU64,
     pub reused_bytes: std::sync::atomic::AtomicU64,
     pub fetched_chunks: std::sync::atomic::AtomicU64,
     pub fetched_bytes: std::sync::atomic::AtomicU64,
+    pub reused: prometheus_client::metrics::counter::Counter,
+    pub fetched: prometheus_client::metrics::counter::Counter,
 }
 
 /// An image assembled from its signed chunk index: chunks the depot's store already holds
@@ -562,6 +566,7 @@ impl Read for CloudChunks {
                     self.stats
                         .reused_bytes
                         .fetch_add(bytes.len() as u64, Relaxed);
+                    self.stats.reused.inc_by(bytes.len() as u64);
                     Bytes::from(bytes)
                 }
                 None => match self.rx.blocking_recv() {
@@ -570,6 +575,7 @@ impl Read for CloudChunks {
                         self.stats
                             .fetched_bytes
                             .fetch_add(bytes.len() as u64, Relaxed);
+                        self.stats.fetched.inc_by(bytes.len() as u64);
                         bytes
                     }
                     Some(Err(e)) => return Err(e),
