@@ -140,7 +140,20 @@ impl Slices {
     }
 
     async fn reconcile(&self) -> Result<(), RolloutError> {
-        let desired = self.store.read(db::desired).await?;
+        let desired: Vec<_> = self
+            .store
+            .read(db::desired)
+            .await?
+            .into_iter()
+            .filter(|d| matches!(d.spec, Spec::RolloutSlice { .. }))
+            .collect();
+        if desired.is_empty() {
+            self.states
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            return Ok(());
+        }
         let local = self.rollouts.list().await?;
         let mut states = Vec::new();
         for d in desired {
