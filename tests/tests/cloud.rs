@@ -958,7 +958,9 @@ fn a_fleet_rollout_runs_in_phases_over_depots_and_halts_before_the_next_phase_on
         .arg(&cloud_dir);
     let (status, _, stderr) = run(&mut setup)?;
     assert!(status.success(), "{stderr}");
-    let cloud = Cloud::start(&cloud_dir, None, &[])?;
+    // On PostgreSQL: fleet rollouts are stored with compare-and-set for shared databases.
+    let database = fresh_postgres_database()?;
+    let cloud = Cloud::start(&cloud_dir, Some(&database), &[])?;
     let api = cloud.api_token();
     for (version, seed) in [("2.0.0", 2), ("3.0.0", 3)] {
         fleet.add(HW, version, &random_bytes(200_000, seed), &[])?;
