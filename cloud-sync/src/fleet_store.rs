@@ -250,3 +250,69 @@ impl CloudStore {
             .find(|d| d.kind == kind && d.key == key))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn a_step_from_a_stale_read_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("cloud.db").display());
+        let store = CloudStore::connect(&url).await.unwrap();
+        let plan = json!({"waves": [{"count": 3}]});
+        store
+            .create_fleet_rollout(
+                NewFleetRollout {
+                    id: "fr-1",
+                    hardware_id: "hw",
+                    version: "2.0.0",
+                    status: "running",
+                    machine: "{}",
+                    depot_plan: &plan,
+                    log_entry: &json!({"event": "created"}),
+                },
+                "token:ops",
+                10,
+            )
+            .await
+            .unwrap();
+        let read = store.fleet_rollout("fr-1").await.unwrap();
+        assert_eq!((read.revision, read.depot_plan.clone()), (1, plan));
+        let entry = json!({"event": "reports"});
+        let step = |revision, status| FleetStep {
+            id: "fr-1",
+            revision,
+            status,
+            machine: "{\"x\":1}",
+            log_entry: &entry,
+            audit: None,
+        };
+        assert!(
+            store
+                .step_fleet_rollout(step(1, "paused"), 20)
+                .await
+                .unwrap()
+        );
+        // A second instance computed its step from revision 1 too: dropped, nothing changes.
+        assert!(
+            !store
+                .step_fleet_rollout(step(1, "halted"), 30)
+                .await
+                .unwrap()
+        );
+        let now = store.fleet_rollout("fr-1").await.unwrap();
+        assert_eq!((now.revision, now.status.as_str()), (2, "paused"));
+        let log = store.fleet_log("fr-1", 10).await.unwrap();
+        assert_eq!(
+            log.iter().map(|l| l.at_ms).collect::<Vec<_>>(),
+            [10, 20],
+            "oldest first, the dropped step not logged"
+        );
+        assert!(matches!(
+            store.fleet_rollout("fr-2").await,
+            Err(CloudStoreError::UnknownFleetRollout(_))
+        ));
+    }
+}
