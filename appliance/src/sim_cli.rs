@@ -262,12 +262,15 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         vehicles.push(SimVehicle { id, password });
     }
 
-    let temp;
+    // Without --state-dir the vehicles' slots live in a directory of this run, removed when
+    // the simulation ends (a stopped test run must not leave hundreds of MB in /tmp).
+    let mut temp = None;
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => {
-            temp = tempfile_dir()?;
-            temp.clone()
+            let dir = tempfile_dir()?;
+            temp = Some(RemoveOnDrop(dir.clone()));
+            dir
         }
     };
     let endpoints = Endpoints {
@@ -306,6 +309,7 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         });
     }
     let finals = sim::run(config, shutdown).await;
+    drop(temp);
     let errors: usize = finals.iter().map(|f| f.errors.len()).sum();
     let messages: u64 = finals.iter().map(|f| f.messages).sum();
     if let Some(path) = &args.report {
@@ -320,6 +324,16 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         eprintln!("  {}: {}", f.id, f.errors.join("; "));
     }
     Ok(if errors == 0 { 0 } else { 1 })
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove the simulation's state directory");
+        }
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
