@@ -518,7 +518,13 @@ async fn session<S: DepotSide>(
                     }
                     Some(cloud_message::Body::EventsAck(ack)) => {
                         side.outbox_acked(ack.sequence).await.map_err(ClientError::Side)?;
+                        let window_was_full = sent.saturating_sub(acked) >= options.max_in_flight;
                         acked = acked.max(ack.sequence);
+                        // A backlog goes out as fast as the cloud acknowledges it, not one
+                        // window per push tick (100,000 events would take 50 ticks).
+                        if window_was_full {
+                            sent = push_events(side.as_ref(), &send, sent, acked, options.max_in_flight).await?;
+                        }
                     }
                     Some(cloud_message::Body::Welcome(_)) | None => {
                         return Err(ClientError::Protocol("unexpected message in a session".into()));
