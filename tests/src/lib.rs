@@ -343,6 +343,19 @@ impl Drop for Server {
     }
 }
 
+/// A running child such as `atlasmesh sim`, stopped with SIGTERM (so it cleans up) and
+/// reaped when dropped.
+pub struct Sim(pub Child);
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sum of the samples of metric `name` in Prometheus text whose labels include every one of
 /// `labels` (each written as in the text: `result="applied"`).
 pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {

@@ -2,26 +2,15 @@
 //! OTA through the reference client) take a good release wave by wave, and a bad one halts in
 //! its first wave and rolls back.
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use atlasmesh_tests::ota::{Fleet, OtaDepot, random_bytes, s};
-use atlasmesh_tests::{Options, Server, free_port, http};
+use atlasmesh_tests::{Options, Server, Sim, free_port, http};
 use serde_json::{Value, json};
 
 const HW: &str = "canary-hw";
 const VEHICLES: usize = 30;
-
-struct Sim(Child);
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();

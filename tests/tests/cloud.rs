@@ -715,6 +715,22 @@ fn staged_images(depot: &Server, token: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `atlasmesh cloud repository`: the cloud in `cloud_dir` pins the fleet's root and takes its
+/// online keys (release engineering keeps root and targets offline).
+fn pin_repository(fleet: &atlasmesh_tests::ota::Fleet, cloud_dir: &Path) -> Result<()> {
+    let mut setup = atlasmesh();
+    setup
+        .args(["cloud", "repository", "--root"])
+        .arg(fleet.root())
+        .arg("--keys")
+        .arg(&fleet.keys)
+        .arg("--data-dir")
+        .arg(cloud_dir);
+    let (status, _, stderr) = run(&mut setup)?;
+    assert!(status.success(), "{stderr}");
+    Ok(())
+}
+
 fn post_bundle(cloud: &Cloud, token: &str, bundle: Vec<u8>) -> reqwest::blocking::Response {
     http()
         .post(cloud.server.url("/api/v1/releases"))
@@ -738,16 +754,7 @@ fn a_release_published_in_the_cloud_is_staged_on_two_depots_fetching_only_missin
 
     // The cloud pins the fleet root and takes only the online keys.
     let cloud_dir = temp.path().join("cloud");
-    let mut setup = atlasmesh();
-    setup
-        .args(["cloud", "repository", "--root"])
-        .arg(fleet.root())
-        .arg("--keys")
-        .arg(&fleet.keys)
-        .arg("--data-dir")
-        .arg(&cloud_dir);
-    let (status, _, stderr) = run(&mut setup)?;
-    assert!(status.success(), "{stderr}");
+    pin_repository(&fleet, &cloud_dir)?;
     let keys_dir = cloud_dir.join("repository/keys");
     let mut taken: Vec<String> = std::fs::read_dir(&keys_dir)?
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -916,18 +923,6 @@ fn a_release_published_in_the_cloud_is_staged_on_two_depots_fetching_only_missin
     Ok(())
 }
 
-/// A running `atlasmesh sim`, stopped when dropped.
-struct Sim(std::process::Child);
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 fn post_json(cloud: &Cloud, token: &str, path: &str, body: Value) -> (u16, Value) {
     let response = http()
         .post(cloud.server.url(path))
@@ -948,16 +943,7 @@ fn a_fleet_rollout_runs_in_phases_over_depots_and_halts_before_the_next_phase_on
     let temp = tempfile::tempdir()?;
     let fleet = Fleet::new()?;
     let cloud_dir = temp.path().join("cloud");
-    let mut setup = atlasmesh();
-    setup
-        .args(["cloud", "repository", "--root"])
-        .arg(fleet.root())
-        .arg("--keys")
-        .arg(&fleet.keys)
-        .arg("--data-dir")
-        .arg(&cloud_dir);
-    let (status, _, stderr) = run(&mut setup)?;
-    assert!(status.success(), "{stderr}");
+    pin_repository(&fleet, &cloud_dir)?;
     // On PostgreSQL: fleet rollouts are stored with compare-and-set for shared databases.
     let database = fresh_postgres_database()?;
     let cloud = Cloud::start(&cloud_dir, Some(&database), &[])?;
@@ -995,7 +981,7 @@ fn a_fleet_rollout_runs_in_phases_over_depots_and_halts_before_the_next_phase_on
         if let Some(mqtt) = &depot.mqtt {
             sim.args(["--mqtt", &format!("mqtt://{mqtt}")]);
         }
-        let sim = Sim(sim.spawn()?);
+        let sim = atlasmesh_tests::Sim(sim.spawn()?);
         depots.push((name, depot, local, sim));
     }
     let running = |depot: &Server, local: &str, version: &str| {
@@ -1384,16 +1370,7 @@ fn a_depot_killed_while_fetching_a_release_resumes_and_fetches_only_what_it_lack
     let image = random_bytes(LEN, 91);
     fleet.add("av-compute", "4.0.0", &image, &[])?;
     let cloud_dir = temp.path().join("cloud");
-    let mut setup = atlasmesh();
-    setup
-        .args(["cloud", "repository", "--root"])
-        .arg(fleet.root())
-        .arg("--keys")
-        .arg(&fleet.keys)
-        .arg("--data-dir")
-        .arg(&cloud_dir);
-    let (status, _, stderr) = run(&mut setup)?;
-    assert!(status.success(), "{stderr}");
+    pin_repository(&fleet, &cloud_dir)?;
     let cloud = Cloud::start(&cloud_dir, None, &[])?;
     let api = cloud.api_token();
     let bundle = std::fs::read(fleet.bundle("av-compute", "4.0.0")?)?;
