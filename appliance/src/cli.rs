@@ -58,6 +58,128 @@ pub enum Command {
     /// Chargers and meters on Modbus TCP: commissioning checks against a register-map profile.
     #[command(subcommand)]
     Charger(ChargerCommand),
+    /// The appliance disk image: build it, flash it onto a disk, update this appliance's
+    /// inactive root slot from a signed image, and confirm a trial boot.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an A/B GPT disk image (EFI system partition, root_a, root_b, data) from a root
+    /// file system tree, with its bmap (bmaptool format 2.0) and a manifest signed by the
+    /// release key. Needs mkfs.ext4, but neither root privileges nor loop devices.
+    Build(ImageBuildArgs),
+    /// Write an image onto a disk (or into a file). Checks the signed manifest, the bmap and
+    /// every mapped block before writing; refuses the system disk, mounted disks, the disk
+    /// holding the image, read-only and too-small ones; asks for the serial of drives over
+    /// 128 GB; writes only mapped blocks and verifies each after writing.
+    Flash(ImageFlashArgs),
+    /// Update this appliance: write a signed image's root file system into the inactive slot,
+    /// verify it, and arm one trial boot of it. Reboot to try it; the depot marks it good
+    /// once its self-test passes, and a slot never marked good is not booted again.
+    Install(ImageInstallArgs),
+    /// Mark the running boot slot good so it keeps booting (the depot does this itself after
+    /// its start-up self-test).
+    MarkGood(ImageSlotArgs),
+    /// Show the boot slots: which one runs, which are good, which is armed for a trial.
+    Status(ImageSlotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    /// The root file system tree (both root slots get a copy).
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: PathBuf,
+    /// The image to write; `FILE.bmap` and `FILE.manifest` are written beside it.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// The release key (the image repository's `targets` key, `KEYS/targets.pem`).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Files for the EFI system partition, e.g. EFI/BOOT/BOOTX64.EFI from a GRUB build.
+    #[arg(long, value_name = "DIR")]
+    pub esp_dir: Option<PathBuf>,
+    /// Size of the EFI system partition.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub esp_size: u64,
+    /// Size of each root slot (default: the tree's size plus half, at least 64 MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub root_size: Option<u64>,
+    /// Size of the data partition.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub data_size: u64,
+    /// The mkfs.ext4 program (e2fsprogs 1.43 or later, for `-d`).
+    #[arg(long, value_name = "FILE", default_value = "mkfs.ext4")]
+    pub mkfs_ext4: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageFlashArgs {
+    /// The image (`depot.img`, with `depot.img.bmap` and `depot.img.manifest` beside it).
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+    /// The disk to write, e.g. /dev/sdb (whole disk, not a partition), or a file.
+    #[arg(long, value_name = "DEV")]
+    pub device: PathBuf,
+    /// The fleet's TUF root (`root.json` of the image repository): whose release keys may
+    /// sign images.
+    #[arg(long, value_name = "FILE")]
+    pub root: PathBuf,
+    /// The bmap (default: IMAGE.bmap).
+    #[arg(long, value_name = "FILE")]
+    pub bmap: Option<PathBuf>,
+    /// The signed manifest (default: IMAGE.manifest).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// For drives over 128 GB when not at a terminal: the device's serial (or its kernel
+    /// name, e.g. sdb, when it reports none).
+    #[arg(long, value_name = "SERIAL")]
+    pub confirm: Option<String>,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageInstallArgs {
+    /// The signed image (with IMAGE.bmap and IMAGE.manifest beside it).
+    pub bundle: PathBuf,
+    /// The fleet's TUF root (default: the root this depot has pinned).
+    #[arg(long, value_name = "FILE")]
+    pub root: Option<PathBuf>,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageSlotArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `64MiB`, `2GiB`, `512M`, `1G` or plain bytes; units are binary.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 512MiB or 2GiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        other => return Err(format!("{other:?} is not a size unit (KiB, MiB, GiB, TiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Subcommand)]

@@ -42,6 +42,36 @@ pub struct Config {
     pub disks: DisksConfig,
     pub charging: ChargingConfig,
     pub cloud_link: CloudLinkConfig,
+    pub image: ImageConfig,
+}
+
+/// A/B self-update of the appliance itself (`atlasmesh image install`, `mark-good`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageConfig {
+    /// GRUB's environment block holding the boot slots' ORDER/OK/TRY flags. On the appliance
+    /// image it is on the EFI system partition, mounted at /boot. When the file does not
+    /// exist (a depot not installed from the appliance image), boot control is off.
+    pub grubenv: PathBuf,
+    /// The `grub-editenv` program that reads and writes the block.
+    pub grub_editenv: PathBuf,
+    /// The root slots' block devices.
+    pub slot_a: PathBuf,
+    pub slot_b: PathBuf,
+    /// Where the kernel command line says which slot booted (`atlasmesh.slot=A`).
+    pub cmdline: PathBuf,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            grubenv: PathBuf::from("/boot/EFI/BOOT/grubenv"),
+            grub_editenv: PathBuf::from("grub-editenv"),
+            slot_a: PathBuf::from("/dev/disk/by-partlabel/root_a"),
+            slot_b: PathBuf::from("/dev/disk/by-partlabel/root_b"),
+            cmdline: PathBuf::from("/proc/cmdline"),
+        }
+    }
 }
 
 impl Default for Config {
@@ -60,6 +90,7 @@ impl Default for Config {
             disks: DisksConfig::default(),
             charging: ChargingConfig::default(),
             cloud_link: CloudLinkConfig::default(),
+            image: ImageConfig::default(),
         }
     }
 }

@@ -320,6 +320,13 @@ async fn run_locked(
             ),
         })),
     };
+    crate::boot::spawn(
+        store.clone(),
+        config.image.clone(),
+        http_addr,
+        tls.is_some(),
+        shutdown.clone(),
+    );
     serve(listener, tls, http::depot_router(app), options, shutdown).await;
 
     tracing::info!("closing the store");

@@ -23,6 +23,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod boot;
 pub mod charger_cli;
 pub mod charging;
 pub mod cli;
@@ -35,6 +36,7 @@ pub mod datadir;
 pub mod depot;
 pub mod disks;
 pub mod http;
+pub mod image_cli;
 pub mod link;
 pub mod logging;
 pub mod metrics;

@@ -7,7 +7,9 @@ use atlasmesh::cli::{
     ChargerCommand, Cli, CloudArgs, Command, SmartCommand, TokenCommand, VehicleCommand,
 };
 use atlasmesh::config::{Config, ConfigError};
-use atlasmesh::{charger_cli, cloud, depot, logging, ota_cli, shutdown, sim_cli, smart_cli, tools};
+use atlasmesh::{
+    charger_cli, cloud, depot, image_cli, logging, ota_cli, shutdown, sim_cli, smart_cli, tools,
+};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -132,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(charger_cli::read(args))
         }
         Command::Charger(ChargerCommand::Profiles(args)) => charger_cli::profiles(args),
+        Command::Image(command) => image_cli::run(command),
         Command::Sim(args) => {
             logging::init(&atlasmesh::config::LogConfig {
                 level: args.log_level.clone(),
