@@ -170,13 +170,25 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// The watchdog interval systemd asks for, as libsystemd's `sd_watchdog_enabled` reads it:
+/// `WATCHDOG_USEC`, unless `WATCHDOG_PID` names another process. (The sd-notify crate also
+/// requires `WATCHDOG_PID` to be set, which systemd does not promise.)
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then_some(usec)
+}
+
 /// Feeds systemd's watchdog at half its interval from the async runtime, so a wedged runtime
 /// stops the pings and systemd restarts the depot.
 fn spawn_watchdog(shutdown: CancellationToken) {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let Some(usec) = watchdog_usec() else {
         return;
-    }
+    };
     let period = Duration::from_micros(usec / 2);
     tracing::info!(?period, "feeding the systemd watchdog");
     tokio::spawn(async move {

@@ -68,7 +68,8 @@ pub enum Command {
 pub enum ImageCommand {
     /// Build an A/B GPT disk image (EFI system partition, root_a, root_b, data) from a root
     /// file system tree, with its bmap (bmaptool format 2.0) and a manifest signed by the
-    /// release key. Needs mkfs.ext4, but neither root privileges nor loop devices.
+    /// release key. Needs mkfs.ext4 (e2fsprogs), mkfs.vfat (dosfstools) and mcopy (mtools),
+    /// but neither root privileges nor loop devices.
     Build(ImageBuildArgs),
     /// Write an image onto a disk (or into a file). Checks the signed manifest, the bmap and
     /// every mapped block before writing; refuses the system disk, mounted disks, the disk

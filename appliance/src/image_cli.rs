@@ -85,7 +85,10 @@ fn build(args: ImageBuildArgs) -> anyhow::Result<u8> {
         esp_size: args.esp_size,
         root_size: args.root_size,
         data_size: args.data_size,
-        mkfs_ext4: args.mkfs_ext4,
+        tools: atlasmesh_image::build::Tools {
+            mkfs_ext4: args.mkfs_ext4,
+            ..Default::default()
+        },
         key,
         now: chrono::Utc::now(),
     })?;

@@ -1,13 +1,13 @@
 //! `atlasmesh image build`: a GPT disk image with the A/B layout, from a root file system tree,
 //! without root privileges or loop devices: the file systems are made in sparse files
-//! (`mkfs.ext4 -d`, and the ESP's FAT by the `fatfs` crate), their data extents copied into
+//! (`mkfs.ext4 -d`; `mkfs.vfat` and `mcopy` for the ESP), their data extents copied into
 //! the image, and the image described by a bmap and a signed manifest.
 //!
 //! Nothing appears at `--out` until everything is written: the image, bmap and manifest are
 //! built under temporary names beside it and renamed into place, the manifest last.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,10 +35,28 @@ pub struct BuildOptions {
     /// Each root slot; `None` sizes them from the tree (its size plus half, at least 64 MiB).
     pub root_size: Option<u64>,
     pub data_size: u64,
-    pub mkfs_ext4: PathBuf,
+    pub tools: Tools,
     /// The release (TUF `targets`) key that signs the manifest.
     pub key: KeyPair,
     pub now: chrono::DateTime<chrono::Utc>,
+}
+
+/// The programs the build runs (e2fsprogs, dosfstools, mtools).
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub mkfs_ext4: PathBuf,
+    pub mkfs_vfat: PathBuf,
+    pub mcopy: PathBuf,
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Self {
+            mkfs_ext4: PathBuf::from("mkfs.ext4"),
+            mkfs_vfat: PathBuf::from("mkfs.vfat"),
+            mcopy: PathBuf::from("mcopy"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -115,13 +133,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         )))?;
 
     let esp = work.path().join("esp.vfat");
-    make_esp(&esp, layout.get(Role::Esp).size, opts.esp_dir.as_deref())?;
+    make_esp(
+        &opts.tools,
+        work.path(),
+        &esp,
+        layout.get(Role::Esp).size,
+        opts.esp_dir.as_deref(),
+    )?;
     let mut fs_files = vec![(Role::Esp, esp)];
     for role in [Role::RootA, Role::RootB, Role::Data] {
         let file = work.path().join(format!("{}.ext4", role.name()));
         let source = (role != Role::Data).then_some(opts.rootfs.as_path());
         make_ext4(
-            &opts.mkfs_ext4,
+            &opts.tools.mkfs_ext4,
             &file,
             layout.get(role).size,
             role.name(),
@@ -252,76 +276,78 @@ fn make_ext4(
         cmd.arg("-d").arg(source);
     }
     cmd.arg(file);
-    let output = cmd.output().map_err(|e| BuildError::Tool {
-        program: mkfs.display().to_string(),
-        stderr: format!("cannot run it: {e}"),
-    })?;
-    if !output.status.success() {
-        return Err(BuildError::Tool {
-            program: format!("{} for {label}", mkfs.display()),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
+    run_tool(&mut cmd, mkfs, &format!("for {label}"))
+}
+
+/// The ESP: `mkfs.vfat`, then the caller's files plus GRUB's A/B script and a factory
+/// environment block, copied in with `mcopy` (mtools), as Yocto's wic does.
+fn make_esp(
+    tools: &Tools,
+    work: &Path,
+    file: &Path,
+    size: u64,
+    esp_dir: Option<&Path>,
+) -> Result<(), BuildError> {
+    File::create(file)
+        .and_then(|f| f.set_len(size))
+        .map_err(io_err(format!("creating {}", file.display())))?;
+    let mut mkfs = Command::new(&tools.mkfs_vfat);
+    mkfs.args(["-n", "ESP"]).arg(file);
+    run_tool(&mut mkfs, &tools.mkfs_vfat, "for the ESP")?;
+
+    let staging = work.join("esp");
+    let boot = staging.join("EFI/BOOT");
+    fs::create_dir_all(&boot).map_err(io_err("staging the ESP"))?;
+    if let Some(dir) = esp_dir {
+        copy_tree(dir, &staging).map_err(io_err(format!("copying {}", dir.display())))?;
+    }
+    // The caller's own files win.
+    for (name, bytes) in [
+        ("grub.cfg", GRUB_CFG.as_bytes().to_vec()),
+        ("grubenv", grubenv_block(&factory_state().to_vars())),
+    ] {
+        if !boot.join(name).exists() {
+            fs::write(boot.join(name), bytes).map_err(io_err("staging the ESP"))?;
+        }
+    }
+    let mut mcopy = Command::new(&tools.mcopy);
+    // -s: recursive; -p: keep attributes; -Q: stop at the first error. MTOOLS_SKIP_CHECK:
+    // the image has no partition table of its own to check.
+    mcopy
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-s", "-p", "-Q", "-i"])
+        .arg(file);
+    for entry in fs::read_dir(&staging).map_err(io_err("staging the ESP"))? {
+        mcopy.arg(entry.map_err(io_err("staging the ESP"))?.path());
+    }
+    mcopy.arg("::/");
+    run_tool(&mut mcopy, &tools.mcopy, "into the ESP")
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if fs::metadata(entry.path())?.is_dir() {
+            fs::create_dir_all(&target)?;
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
     }
     Ok(())
 }
 
-fn make_esp(file: &Path, size: u64, esp_dir: Option<&Path>) -> Result<(), BuildError> {
-    let what = || format!("making the EFI system partition in {}", file.display());
-    let mut disk = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(file)
-        .map_err(io_err(what()))?;
-    disk.set_len(size).map_err(io_err(what()))?;
-    fatfs::format_volume(
-        &mut disk,
-        fatfs::FormatVolumeOptions::new().volume_label(*b"ESP        "),
-    )
-    .map_err(io_err(what()))?;
-    disk.seek(SeekFrom::Start(0)).map_err(io_err(what()))?;
-    let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).map_err(io_err(what()))?;
-    let root = fs.root_dir();
-    if let Some(dir) = esp_dir {
-        copy_into_fat(dir, &root)
-            .map_err(io_err(format!("copying {} into the ESP", dir.display())))?;
-    }
-    let boot = root
-        .create_dir("EFI")
-        .and_then(|efi| efi.create_dir("BOOT"))
-        .map_err(io_err(what()))?;
-    let add = |name: &str, bytes: &[u8]| -> io::Result<()> {
-        if boot.open_file(name).is_ok() {
-            return Ok(()); // the caller's own file wins
-        }
-        boot.create_file(name)?.write_all(bytes)
-    };
-    add("grub.cfg", GRUB_CFG.as_bytes()).map_err(io_err(what()))?;
-    add("grubenv", &grubenv_block(&factory_state().to_vars())).map_err(io_err(what()))?;
-    drop(boot);
-    drop(root);
-    fs.unmount().map_err(io_err(what()))?;
-    disk.sync_all().map_err(io_err(what()))
-}
-
-fn copy_into_fat<T: fatfs::ReadWriteSeek>(dir: &Path, to: &fatfs::Dir<'_, T>) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_str().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{:?} is not UTF-8", entry.path()),
-            )
-        })?;
-        let meta = fs::metadata(entry.path())?;
-        if meta.is_dir() {
-            copy_into_fat(&entry.path(), &to.create_dir(name)?)?;
-        } else {
-            let mut file = to.create_file(name)?;
-            file.truncate()?;
-            io::copy(&mut File::open(entry.path())?, &mut file)?;
-        }
+fn run_tool(cmd: &mut Command, program: &Path, what: &str) -> Result<(), BuildError> {
+    let output = cmd.output().map_err(|e| BuildError::Tool {
+        program: program.display().to_string(),
+        stderr: format!("cannot run it: {e}"),
+    })?;
+    if !output.status.success() {
+        return Err(BuildError::Tool {
+            program: format!("{} {what}", program.display()),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     Ok(())
 }
