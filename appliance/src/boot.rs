@@ -40,12 +40,13 @@ pub fn mark_good(config: &ImageConfig) -> anyhow::Result<BootOutcome> {
         file: config.grubenv.clone(),
         editenv: config.grub_editenv.clone(),
     };
-    let mut state = env.state()?;
-    if state.is_good(slot) && !state.is_armed(slot) && state.order.first() == Some(&slot) {
+    let state = env.state()?;
+    let mut marked = state.clone();
+    marked.mark_good(slot);
+    if marked == state {
         return Ok(BootOutcome::AlreadyGood(slot));
     }
-    state.mark_good(slot);
-    env.store(&state)?;
+    env.store(&marked)?;
     Ok(BootOutcome::MarkedGood(slot))
 }
 

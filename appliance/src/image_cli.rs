@@ -183,8 +183,9 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
         human_bytes(report.image_size)
     );
     println!(
-        "  speed    {:.1} MB/s ({:.2} s, synced)",
+        "  speed    {:.1} MB/s (checked in {:.2} s, then written, synced and verified in {:.2} s)",
         w.speed() / 1e6,
+        report.checked_in.as_secs_f64(),
         w.elapsed.as_secs_f64()
     );
     println!(

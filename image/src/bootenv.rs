@@ -132,9 +132,13 @@ impl BootState {
         self.tries[index(slot)] = true;
     }
 
-    /// The running slot passed its self-test: keep booting it.
+    /// The running slot passed its self-test: keep booting it. When the other slot is armed
+    /// for a trial (an update was installed and the reboot is still to come), the order is
+    /// left alone, or the pending trial would never be booted.
     pub fn mark_good(&mut self, slot: Slot) {
-        self.first(slot);
+        if !self.is_armed(slot.other()) {
+            self.first(slot);
+        }
         self.ok[index(slot)] = true;
         self.tries[index(slot)] = false;
     }
@@ -284,6 +288,9 @@ mod tests {
         assert_eq!(state.order, [Slot::A, Slot::B]);
 
         state.arm_try(Slot::B);
+        // The depot restarts on A before the reboot: confirming A must not cancel B's trial.
+        state.mark_good(Slot::A);
+        assert_eq!(state.order, [Slot::B, Slot::A]);
         assert_eq!(state.boot(), Slot::B);
         state.mark_good(Slot::B);
         assert_eq!(state.boot(), Slot::B);

@@ -274,11 +274,13 @@ impl Target {
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if self.kind == TargetKind::File {
+            // A file's size before flashing says nothing about the result.
             parts.push("regular file".to_string());
+        } else {
+            parts.extend(self.model.clone());
+            parts.extend(self.serial.as_ref().map(|s| format!("serial {s}")));
+            parts.push(human(self.size));
         }
-        parts.extend(self.model.clone());
-        parts.extend(self.serial.as_ref().map(|s| format!("serial {s}")));
-        parts.push(human(self.size));
         format!("{} ({})", self.path.display(), parts.join(", "))
     }
 }

@@ -27,8 +27,8 @@ use crate::manifest::{ManifestBody, ManifestError, Trust};
 
 /// Pieces the image is read and written in.
 const CHUNK: usize = 8 << 20;
-/// Written bytes between data syncs, after which those ranges are read back.
-const VERIFY_WINDOW: u64 = 256 << 20;
+/// Written bytes handed to the verifier at a time: it syncs them, then reads them back.
+const VERIFY_WINDOW: u64 = 64 << 20;
 
 /// Where the operator sees how far a long step has come. Implementations must be cheap.
 pub trait Progress: Sync {
@@ -131,24 +131,48 @@ pub fn check_sidecars(
     })
 }
 
-/// Reads every mapped range of the image and checks its SHA-256 against the bmap.
+/// Reads every mapped range of the image and checks its SHA-256 against the bmap. Two
+/// threads each take the ranges of one half of the mapped bytes, so hashing runs on both cores
+/// while the kernel's read-ahead keeps each sequential stream fed.
 pub fn check_image(checked: &Checked, progress: &dyn Progress) -> Result<(), FlashError> {
     let file = File::open(&checked.image)
         .map_err(io_err(format!("opening {}", checked.image.display())))?;
-    progress.begin("checking image", checked.bmap.mapped_bytes());
-    let mut buf = vec![0u8; CHUNK];
-    for range in &checked.bmap.ranges {
-        let (offset, len) = checked.bmap.span(range);
-        let digest = hash_span(&file, offset, len, &mut buf, progress)
-            .map_err(io_err(format!("reading {}", checked.image.display())))?;
-        if digest != range.sha256 {
-            return Err(FlashError::ImageChecksum {
-                path: checked.image.clone(),
-                first: range.first,
-                last: range.last,
-            });
+    let bmap = &checked.bmap;
+    progress.begin("checking image", bmap.mapped_bytes());
+    let half = bmap.mapped_bytes() / 2;
+    let mut seen = 0;
+    let split = bmap
+        .ranges
+        .iter()
+        .position(|r| {
+            seen += bmap.span(r).1;
+            seen > half
+        })
+        .map_or(bmap.ranges.len(), |i| i + 1);
+    let (first, second) = bmap.ranges.split_at(split);
+    let check = |ranges: &[crate::bmap::Range]| -> Result<(), FlashError> {
+        let mut buf = vec![0u8; CHUNK];
+        for range in ranges {
+            let (offset, len) = bmap.span(range);
+            let digest = hash_span(&file, offset, len, &mut buf, progress)
+                .map_err(io_err(format!("reading {}", checked.image.display())))?;
+            if digest != range.sha256 {
+                return Err(FlashError::ImageChecksum {
+                    path: checked.image.clone(),
+                    first: range.first,
+                    last: range.last,
+                });
+            }
         }
-    }
+        Ok(())
+    };
+    let (a, b) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| check(second));
+        let mine = check(first);
+        (mine, other.join().expect("the checker does not panic"))
+    });
+    a?;
+    b?;
     progress.end();
     Ok(())
 }
@@ -228,6 +252,9 @@ pub fn write_and_verify(
         .map_err(io_err(format!("opening {}", checked.image.display())))?;
     let readback =
         File::open(target).map_err(io_err(format!("opening {} to verify", target.display())))?;
+    let synced = out
+        .try_clone()
+        .map_err(io_err(format!("opening {} to sync", target.display())))?;
     let bmap = &checked.bmap;
     let started = Instant::now();
     progress.begin("writing", bmap.mapped_bytes());
@@ -266,9 +293,14 @@ pub fn write_and_verify(
         let verifier = scope.spawn(move || -> Result<(), FlashError> {
             let mut buf = vec![0u8; CHUNK];
             for batch in verify_rx {
+                // Everything written so far reaches the device before it is read back.
+                synced
+                    .sync_data()
+                    .map_err(io_err(format!("syncing {}", target.display())))?;
                 for ix in batch {
                     let range = &bmap.ranges[ix];
                     let (offset, len) = bmap.span(range);
+                    let readback_err = io_err(format!("reading back {}", target.display()));
                     // Drop the cached pages so the bytes come from the device itself.
                     let _ = rustix::fs::fadvise(
                         &readback,
@@ -277,7 +309,7 @@ pub fn write_and_verify(
                         rustix::fs::Advice::DontNeed,
                     );
                     let digest = hash_span(&readback, offset, len, &mut buf, &Quiet)
-                        .map_err(io_err(format!("reading back {}", target.display())))?;
+                        .map_err(readback_err)?;
                     if digest != range.sha256 {
                         return Err(FlashError::Verify {
                             target: target.to_owned(),
@@ -291,7 +323,7 @@ pub fn write_and_verify(
         });
 
         let mut written = 0u64;
-        let mut unsynced = 0u64;
+        let mut pending_bytes = 0u64;
         let mut pending = Vec::new();
         let mut result = Ok(());
         for (pos, buf, done) in full_rx {
@@ -299,18 +331,16 @@ pub fn write_and_verify(
                 result = Err(io_err(format!("writing {}", target.display()))(e));
                 break;
             }
-            written += buf.len() as u64;
-            unsynced += buf.len() as u64;
-            progress.advance(buf.len() as u64);
+            let n = buf.len() as u64;
+            written += n;
+            pending_bytes += n;
+            progress.advance(n);
             let _ = empty_tx.send(buf);
             if let Some(ix) = done {
                 pending.push(ix);
-                if unsynced >= VERIFY_WINDOW {
-                    if let Err(e) = out.sync_data() {
-                        result = Err(io_err(format!("syncing {}", target.display()))(e));
-                        break;
-                    }
-                    unsynced = 0;
+                // The verifier syncs and reads back this window while the next is written.
+                if pending_bytes >= VERIFY_WINDOW {
+                    pending_bytes = 0;
                     if verify_tx.send(std::mem::take(&mut pending)).is_err() {
                         break; // the verifier failed; its error follows
                     }
@@ -318,17 +348,17 @@ pub fn write_and_verify(
             }
         }
         drop(empty_tx);
-        if result.is_ok() {
-            result = out
-                .sync_all()
-                .map_err(io_err(format!("syncing {}", target.display())));
-            if result.is_ok() && !pending.is_empty() {
-                let _ = verify_tx.send(pending);
-            }
+        if result.is_ok() && !pending.is_empty() {
+            let _ = verify_tx.send(pending);
         }
         drop(verify_tx);
         let read = reader.join().expect("the image reader does not panic");
         let verified = verifier.join().expect("the verifier does not panic");
+        if result.is_ok() {
+            result = out
+                .sync_all()
+                .map_err(io_err(format!("syncing {}", target.display())));
+        }
         result?;
         read?;
         verified?;
@@ -343,6 +373,8 @@ pub fn write_and_verify(
 #[derive(Debug, Clone)]
 pub struct FlashReport {
     pub target: Target,
+    /// Time spent checking the image's mapped blocks before writing.
+    pub checked_in: Duration,
     pub write: WriteReport,
     pub image_sha256: String,
     pub image_size: u64,
@@ -377,11 +409,14 @@ pub fn flash(
             )));
         }
     }
+    let started = Instant::now();
     check_image(&checked, progress)?;
+    let checked_in = started.elapsed();
     let out = open_target(&target, checked.manifest.image_size)?;
     let write = write_and_verify(&checked, &out, &target.path, progress)?;
     Ok(FlashReport {
         target,
+        checked_in,
         write,
         image_sha256: checked.manifest.image_sha256.clone(),
         image_size: checked.manifest.image_size,

@@ -2,9 +2,13 @@
 //!
 //! The bundle is a built appliance image with its `.bmap` and `.manifest` beside it, checked
 //! exactly as `flash` checks it (signature by the fleet's release key against the fleet root,
-//! signed bmap, range checksums). Its `root_a` partition becomes the new root file system.
+//! signed bmap, range checksums). The image's partition for the target slot (`root_b` for
+//! slot B) becomes that slot: both hold the same tree, and each carries its own slot's file
+//! system label (what GRUB searches for) and its own UUID.
 //!
 //! Order matters, so that no power cut can leave a slot that boots half written:
+//! 0. the running slot must be good (a slot still on its trial could be the only one left
+//!    bootable), and the target big enough;
 //! 1. the inactive slot is disabled in the boot environment (`OK=0`, `TRY=0`);
 //! 2. the partition's mapped ranges are written and its holes zeroed;
 //! 3. the whole slot is read back and its SHA-256 compared with the signed partition hash;
@@ -31,8 +35,12 @@ pub enum InstallError {
     Bundle(#[from] FlashError),
     #[error(transparent)]
     BootEnv(#[from] BootEnvError),
-    #[error("the bundle's manifest has no root_a partition")]
+    #[error("the bundle's manifest has no root_a and root_b partitions")]
     NoRoot,
+    #[error(
+        "slot {0}, which is running, is not marked good yet: confirm it (the depot does after its self-test, or `atlasmesh image mark-good`) before installing into the other slot, or it could be left with no good slot"
+    )]
+    RunningNotGood(Slot),
     #[error("the running system did not say which slot it booted (no atlasmesh.slot= in {0})")]
     UnknownSlot(PathBuf),
     #[error("slot {slot} ({path}) holds the running system's root file system")]
@@ -93,7 +101,9 @@ pub fn check_bundle(
 ) -> Result<Checked, InstallError> {
     let (bmap, manifest) = sidecars(bundle);
     let checked = check_sidecars(bundle, &bmap, &manifest, trust)?;
-    if checked.manifest.partition(Role::RootA).is_none() {
+    if checked.manifest.partition(Role::RootA).is_none()
+        || checked.manifest.partition(Role::RootB).is_none()
+    {
         return Err(InstallError::NoRoot);
     }
     check_image(&checked, progress)?;
@@ -111,17 +121,21 @@ pub fn install(
 ) -> Result<InstallReport, InstallError> {
     let slot = booted.other();
     let path = slots.path(slot).to_owned();
+    let role = match slot {
+        Slot::A => Role::RootA,
+        Slot::B => Role::RootB,
+    };
     let part = checked
         .manifest
-        .partition(Role::RootA)
+        .partition(role)
         .ok_or(InstallError::NoRoot)?
         .clone();
     refuse_in_use(slot, &path, mountinfo)?;
-
     let started = Instant::now();
     let mut state = env.state()?;
-    state.disable(slot);
-    env.store(&state)?;
+    if !state.is_good(booted) {
+        return Err(InstallError::RunningNotGood(booted));
+    }
 
     let out = File::options()
         .read(true)
@@ -138,6 +152,8 @@ pub fn install(
             needed: part.size,
         });
     }
+    state.disable(slot);
+    env.store(&state)?;
     let image = File::open(&checked.image)
         .map_err(io_err(format!("opening {}", checked.image.display())))?;
     let bmap = &checked.bmap;

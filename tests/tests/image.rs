@@ -680,23 +680,26 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
         "the factory image boots A"
     );
 
-    // Install into B: B now holds root_a's bytes, and is armed.
+    // Install into B, which is then armed.
     let stdout = install();
     assert!(stdout.contains("into slot B"), "{stdout}");
-    let root_a = dir.join("root_a.ext4");
+    // B holds the image's root_b: the same tree, with B's own label and file system UUID.
+    let root_b = dir.join("root_b.ext4");
     extract(
         &built.image,
-        built.partition("root_a").0,
+        built.partition("root_b").0,
         root_size,
-        &root_a,
+        &root_b,
     );
     assert_eq!(
         sha256_file(&slot_b),
-        sha256_file(&root_a),
+        sha256_file(&root_b),
         "slot B is not the update"
     );
     let (ok, out) = tool("e2fsck", &["-fn", s(&slot_b)]);
     assert!(ok, "{out}");
+    let (_, label) = tool("e2label", &[s(&slot_b)]);
+    assert_eq!(label.trim(), "root_b", "GRUB finds slot B by this label");
     let (_, status) = cli(&["status"])
         .1
         .split_once("next boot:")
@@ -707,6 +710,10 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
     // Trial of B; it never marks good (say it hangs). The next power-on returns to A, and so
     // does every one after it.
     assert_eq!(power_on(&grubenv, &cmdline), "B");
+    // While B is on its trial, another install is refused: A is the only good slot left.
+    let (status, _, stderr) = cli(&["install", s(&built.image), "--root", s(&built.fleet.root())]);
+    assert!(!status.success());
+    assert!(stderr.contains("not marked good yet"), "{stderr}");
     assert_eq!(
         power_on(&grubenv, &cmdline),
         "A",
@@ -714,8 +721,12 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
     );
     assert_eq!(power_on(&grubenv, &cmdline), "A");
 
-    // Again; this time the depot starts on B, passes its self-test and marks B good itself.
+    // Again; a depot restart before the reboot (which confirms A) must not cancel B's trial.
     install();
+    let (status, stdout, stderr) = cli(&["mark-good"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("slot A"), "{stdout}");
+    // This time the depot starts on B, passes its self-test and marks B good itself.
     assert_eq!(power_on(&grubenv, &cmdline), "B");
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();

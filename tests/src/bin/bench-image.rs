@@ -1,0 +1,265 @@
+//! Flashing benchmark (issue 9): a 4 GiB appliance image with about a quarter of it mapped,
+//! written by `atlasmesh image flash`, by Debian's `bmaptool copy` (with our bmap) and by `dd`,
+//! onto the same targets in the same run.
+//!
+//! The image is built by the release `atlasmesh image build` from a tree of incompressible
+//! files sized so that about 1 GiB of the 4 GiB is mapped. Targets, each written by every tool
+//! in turn:
+//! - **block**: a loop device over a file on this machine's disk (a disk in a USB/SATA dock is
+//!   a block device too), needs root;
+//! - **file**: a regular file on the same disk, recreated before every run.
+//!
+//! Before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, as
+//! root), so each tool reads the image from disk like a first flash does. Each tool runs
+//! `ROUNDS` times per target, in rotation; the table shows the median wall time of the whole
+//! command (including its final sync) and the image size divided by it. Our flash also checks
+//! the signed manifest and every mapped block before writing, and reads every written range
+//! back from the device; bmaptool checks block checksums while writing; dd checks nothing.
+//!
+//! `dd if=IMG of=TARGET bs=4M conv=fsync` is how images are commonly flashed without a bmap.
+//!
+//! Run: `cargo build --release --workspace --bins && target/release/bench-image`. Prints
+//! Markdown for docs/benchmarks.md; progress goes to stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use atlasmesh_tests::bench::{build_release, machine, sh, work_dir};
+use atlasmesh_tests::ota::{Fleet, s};
+use atlasmesh_tests::{atlasmesh, run};
+
+const MIB: u64 = 1 << 20;
+const ROUNDS: usize = 3;
+/// Slot and data sizes that make a 4 GiB image: 1 + 64 + 2 × 1600 + 830 + 1 MiB.
+const ROOT_MIB: u64 = 1600;
+const DATA_MIB: u64 = 830;
+/// Incompressible content per root slot; with the file systems' metadata and journals about
+/// a quarter of the image is mapped.
+const TREE_MIB: u64 = 520;
+
+fn main() -> Result<()> {
+    build_release()?;
+    let work = work_dir()?;
+    let dir = work.path();
+    eprintln!("building the image in {}", dir.display());
+    let fleet = Fleet::new()?;
+    let rootfs = dir.join("rootfs");
+    write_tree(&rootfs)?;
+    let image = dir.join("depot.img");
+    let (status, stdout, stderr) = run(atlasmesh()
+        .args([
+            "image",
+            "build",
+            "--rootfs",
+            s(&rootfs),
+            "--out",
+            s(&image),
+            "--key",
+        ])
+        .arg(fleet.keys.join("targets.pem"))
+        .args([
+            "--root-size",
+            &format!("{ROOT_MIB}MiB"),
+            "--data-size",
+            &format!("{DATA_MIB}MiB"),
+        ]))?;
+    if !status.success() {
+        bail!("image build failed: {stderr}");
+    }
+    eprint!("{stdout}");
+    std::fs::remove_dir_all(&rootfs)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{}.manifest", image.display()))?)?;
+    let size = manifest["signed"]["image_size"]
+        .as_u64()
+        .context("image size")?;
+    let mapped = manifest["signed"]["mapped_bytes"]
+        .as_u64()
+        .context("mapped bytes")?;
+    let bmap = PathBuf::from(format!("{}.bmap", image.display()));
+    let root = fleet.root();
+
+    let mut targets: Vec<(&str, Target)> = vec![("file", Target::File(dir.join("target.img")))];
+    match LoopTarget::new(&dir.join("disk.img"), size) {
+        Ok(dev) => targets.insert(0, ("block (loop)", Target::Block(dev))),
+        Err(e) => eprintln!("note: no block-device target: {e:#}"),
+    }
+
+    let tools: [(&str, &CommandFor<'_>); 3] = [
+        ("`atlasmesh image flash`", &|t: &Path| {
+            let mut cmd = atlasmesh();
+            cmd.args([
+                "image",
+                "flash",
+                "--image",
+                s(&image),
+                "--device",
+                s(t),
+                "--root",
+                s(&root),
+            ]);
+            cmd
+        }),
+        ("`bmaptool copy` (Debian)", &|t: &Path| {
+            let mut cmd = Command::new("bmaptool");
+            cmd.args(["copy", "--bmap", s(&bmap), s(&image), s(t)]);
+            cmd
+        }),
+        ("`dd bs=4M conv=fsync`", &|t: &Path| {
+            let mut cmd = Command::new("dd");
+            cmd.args([
+                &format!("if={}", image.display()),
+                &format!("of={}", t.display()),
+                "bs=4M",
+                "conv=fsync",
+            ]);
+            cmd
+        }),
+    ];
+
+    println!("### Flashing a 4 GiB image (issue 9)\n");
+    println!("{}\n", machine());
+    println!(
+        "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. Bmaptool {}. \
+         Median of {ROUNDS} runs per tool and target, page cache dropped before each.\n",
+        gib(size),
+        gib(mapped),
+        mapped as f64 * 100.0 / size as f64,
+        sh("dd --version | head -1"),
+        sh("bmaptool --version 2>&1 | head -1"),
+    );
+    println!("| target | tool | median time | speed (image size / time) | vs dd | runs (s) |");
+    println!("|---|---|---:|---:|---:|---|");
+    for (target_name, target) in &targets {
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
+        for round in 0..ROUNDS {
+            for (i, (name, make)) in tools.iter().enumerate() {
+                let path = target.prepare()?;
+                drop_caches();
+                let started = Instant::now();
+                let out = make(&path)
+                    .output()
+                    .with_context(|| format!("running {name}"))?;
+                let elapsed = started.elapsed();
+                if !out.status.success() {
+                    bail!(
+                        "{name} failed on {target_name}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                eprintln!(
+                    "{target_name} round {round}: {name} {:.2} s",
+                    elapsed.as_secs_f64()
+                );
+                times[i].push(elapsed);
+            }
+        }
+        let medians: Vec<Duration> = times.iter().map(|t| median(t)).collect();
+        let dd = medians[2];
+        for (i, (name, _)) in tools.iter().enumerate() {
+            let runs: Vec<String> = times[i]
+                .iter()
+                .map(|t| format!("{:.2}", t.as_secs_f64()))
+                .collect();
+            println!(
+                "| {target_name} | {name} | {:.2} s | {:.0} MB/s | {:.1}× | {} |",
+                medians[i].as_secs_f64(),
+                size as f64 / medians[i].as_secs_f64() / 1e6,
+                dd.as_secs_f64() / medians[i].as_secs_f64(),
+                runs.join(", ")
+            );
+        }
+    }
+    println!();
+    Ok(())
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+fn drop_caches() {
+    // Needs root; elsewhere the runs read a warm cache, which the table would not say.
+    let _ = Command::new("sync").status();
+    if std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_err() {
+        eprintln!("note: cannot drop the page cache (not root)");
+    }
+}
+
+/// Files of pseudo-random bytes (incompressible, so nothing dedups them), 8 MiB each.
+fn write_tree(root: &Path) -> Result<()> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 8 * MIB as usize];
+    for n in 0..TREE_MIB / 8 {
+        let dir = root.join(format!("usr/share/blob{}", n % 8));
+        std::fs::create_dir_all(&dir)?;
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(dir.join(format!("file{n}")), &buf)?;
+    }
+    Ok(())
+}
+
+/// Makes the command that writes the image onto a target path.
+type CommandFor<'a> = dyn Fn(&Path) -> Command + 'a;
+
+enum Target {
+    File(PathBuf),
+    Block(LoopTarget),
+}
+
+impl Target {
+    /// The path to write, fresh: a new empty file, or the same loop device.
+    fn prepare(&self) -> Result<PathBuf> {
+        match self {
+            Target::File(path) => {
+                let _ = std::fs::remove_file(path);
+                Ok(path.clone())
+            }
+            Target::Block(dev) => Ok(dev.path.clone()),
+        }
+    }
+}
+
+struct LoopTarget {
+    path: PathBuf,
+}
+
+impl LoopTarget {
+    fn new(backing: &Path, size: u64) -> Result<Self> {
+        // Fully allocated, so the device's writes are not file-system allocations.
+        let status = Command::new("fallocate")
+            .args(["-l", &(size + 64 * MIB).to_string(), s(backing)])
+            .status()?;
+        if !status.success() {
+            bail!("fallocate failed");
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show", s(backing)])
+            .output()?;
+        if !out.status.success() {
+            bail!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(Self {
+            path: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        })
+    }
+}
+
+impl Drop for LoopTarget {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
