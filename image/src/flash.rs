@@ -7,8 +7,8 @@
 //! image must match its checksum. Then only mapped ranges are written; each is read back from
 //! the device after a data sync, with the page cache dropped, and checked against the bmap.
 //!
-//! Three threads share the work, so reading, writing and verifying overlap: one reads the
-//! image, the caller's writes, one reads back and hashes what has reached the device.
+//! Both cores work: the image is checked, and the device read back, by two hashing threads;
+//! while writing, a reader thread reads ahead of the writer.
 
 use std::fs::File;
 use std::io;
@@ -27,8 +27,6 @@ use crate::manifest::{ManifestBody, ManifestError, Trust};
 
 /// Pieces the image is read and written in.
 const CHUNK: usize = 8 << 20;
-/// Written bytes handed to the verifier at a time: it syncs them, then reads them back.
-const VERIFY_WINDOW: u64 = 64 << 20;
 
 /// Where the operator sees how far a long step has come. Implementations must be cheap.
 pub trait Progress: Sync {
@@ -131,50 +129,60 @@ pub fn check_sidecars(
     })
 }
 
-/// Reads every mapped range of the image and checks its SHA-256 against the bmap. Two
-/// threads each take the ranges of one half of the mapped bytes, so hashing runs on both cores
-/// while the kernel's read-ahead keeps each sequential stream fed.
+/// Reads every mapped range of the image and checks its SHA-256 against the bmap.
 pub fn check_image(checked: &Checked, progress: &dyn Progress) -> Result<(), FlashError> {
     let file = File::open(&checked.image)
         .map_err(io_err(format!("opening {}", checked.image.display())))?;
-    let bmap = &checked.bmap;
-    progress.begin("checking image", bmap.mapped_bytes());
-    let half = bmap.mapped_bytes() / 2;
-    let mut seen = 0;
-    let split = bmap
-        .ranges
-        .iter()
-        .position(|r| {
-            seen += bmap.span(r).1;
-            seen > half
-        })
-        .map_or(bmap.ranges.len(), |i| i + 1);
-    let (first, second) = bmap.ranges.split_at(split);
-    let check = |ranges: &[crate::bmap::Range]| -> Result<(), FlashError> {
+    progress.begin("checking image", checked.bmap.mapped_bytes());
+    let bad = hash_ranges(&file, &checked.bmap, progress)
+        .map_err(io_err(format!("reading {}", checked.image.display())))?;
+    if let Some(range) = bad {
+        return Err(FlashError::ImageChecksum {
+            path: checked.image.clone(),
+            first: range.first,
+            last: range.last,
+        });
+    }
+    progress.end();
+    Ok(())
+}
+
+/// Hashes every range of the bmap in `file` and returns the first that does not match.
+/// Ranges are dealt to two threads, largest first to the less loaded one, so both cores hash
+/// (an image's bytes sit mostly in a few large ranges, one per root slot); each thread reads
+/// its ranges in disk order.
+fn hash_ranges(
+    file: &File,
+    bmap: &Bmap,
+    progress: &dyn Progress,
+) -> io::Result<Option<crate::bmap::Range>> {
+    let mut order: Vec<usize> = (0..bmap.ranges.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(bmap.span(&bmap.ranges[i]).1));
+    let mut shares: [(u64, Vec<usize>); 2] = [(0, Vec::new()), (0, Vec::new())];
+    for i in order {
+        let share = if shares[0].0 <= shares[1].0 { 0 } else { 1 };
+        shares[share].0 += bmap.span(&bmap.ranges[i]).1;
+        shares[share].1.push(i);
+    }
+    let check = |mut indices: Vec<usize>| -> io::Result<Option<crate::bmap::Range>> {
+        indices.sort_unstable();
         let mut buf = vec![0u8; CHUNK];
-        for range in ranges {
+        for i in indices {
+            let range = &bmap.ranges[i];
             let (offset, len) = bmap.span(range);
-            let digest = hash_span(&file, offset, len, &mut buf, progress)
-                .map_err(io_err(format!("reading {}", checked.image.display())))?;
-            if digest != range.sha256 {
-                return Err(FlashError::ImageChecksum {
-                    path: checked.image.clone(),
-                    first: range.first,
-                    last: range.last,
-                });
+            if hash_span(file, offset, len, &mut buf, progress)? != range.sha256 {
+                return Ok(Some(range.clone()));
             }
         }
-        Ok(())
+        Ok(None)
     };
+    let [(_, first), (_, second)] = shares;
     let (a, b) = std::thread::scope(|scope| {
         let other = scope.spawn(|| check(second));
         let mine = check(first);
-        (mine, other.join().expect("the checker does not panic"))
+        (mine, other.join().expect("a hashing thread does not panic"))
     });
-    a?;
-    b?;
-    progress.end();
-    Ok(())
+    Ok(a?.or(b?))
 }
 
 fn hash_span(
@@ -240,8 +248,9 @@ pub fn open_target(target: &Target, image_size: u64) -> Result<File, FlashError>
     }
 }
 
-/// Writes the mapped ranges of a checked image to `out` (see [`open_target`]) and verifies
-/// each by reading it back from `target` once it is synced.
+/// Writes the mapped ranges of a checked image to `out` (see [`open_target`]) while a reader
+/// thread reads ahead, syncs, then verifies every range by reading it back from `target`
+/// with the page cache dropped, so the bytes come from the device itself.
 pub fn write_and_verify(
     checked: &Checked,
     out: &File,
@@ -250,26 +259,19 @@ pub fn write_and_verify(
 ) -> Result<WriteReport, FlashError> {
     let image = File::open(&checked.image)
         .map_err(io_err(format!("opening {}", checked.image.display())))?;
-    let readback =
-        File::open(target).map_err(io_err(format!("opening {} to verify", target.display())))?;
-    let synced = out
-        .try_clone()
-        .map_err(io_err(format!("opening {} to sync", target.display())))?;
     let bmap = &checked.bmap;
     let started = Instant::now();
     progress.begin("writing", bmap.mapped_bytes());
 
     // Buffers circulate: reader → writer (filled) → reader (empty), so memory stays bounded.
-    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>, Option<usize>)>(3);
+    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(3);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     for _ in 0..4 {
         let _ = empty_tx.send(vec![0u8; CHUNK]);
     }
-    let (verify_tx, verify_rx) = mpsc::channel::<Vec<usize>>();
-
-    std::thread::scope(|scope| -> Result<WriteReport, FlashError> {
+    let written = std::thread::scope(|scope| -> Result<u64, FlashError> {
         let reader = scope.spawn(move || -> Result<(), FlashError> {
-            for (ix, range) in bmap.ranges.iter().enumerate() {
+            for range in &bmap.ranges {
                 let (offset, len) = bmap.span(range);
                 let mut pos = offset;
                 while pos < offset + len {
@@ -281,8 +283,7 @@ pub fn write_and_verify(
                     image
                         .read_exact_at(&mut buf, pos)
                         .map_err(io_err(format!("reading {}", checked.image.display())))?;
-                    let done = (pos + n as u64 == offset + len).then_some(ix);
-                    if full_tx.send((pos, buf, done)).is_err() {
+                    if full_tx.send((pos, buf)).is_err() {
                         return Ok(()); // the writer stopped; its error is the one to report
                     }
                     pos += n as u64;
@@ -290,83 +291,53 @@ pub fn write_and_verify(
             }
             Ok(())
         });
-        let verifier = scope.spawn(move || -> Result<(), FlashError> {
-            let mut buf = vec![0u8; CHUNK];
-            for batch in verify_rx {
-                // Everything written so far reaches the device before it is read back.
-                synced
-                    .sync_data()
-                    .map_err(io_err(format!("syncing {}", target.display())))?;
-                for ix in batch {
-                    let range = &bmap.ranges[ix];
-                    let (offset, len) = bmap.span(range);
-                    let readback_err = io_err(format!("reading back {}", target.display()));
-                    // Drop the cached pages so the bytes come from the device itself.
-                    let _ = rustix::fs::fadvise(
-                        &readback,
-                        offset,
-                        NonZeroU64::new(len),
-                        rustix::fs::Advice::DontNeed,
-                    );
-                    let digest = hash_span(&readback, offset, len, &mut buf, &Quiet)
-                        .map_err(readback_err)?;
-                    if digest != range.sha256 {
-                        return Err(FlashError::Verify {
-                            target: target.to_owned(),
-                            first: range.first,
-                            last: range.last,
-                        });
-                    }
-                }
-            }
-            Ok(())
-        });
-
         let mut written = 0u64;
-        let mut pending_bytes = 0u64;
-        let mut pending = Vec::new();
         let mut result = Ok(());
-        for (pos, buf, done) in full_rx {
+        for (pos, buf) in full_rx {
             if let Err(e) = out.write_all_at(&buf, pos) {
                 result = Err(io_err(format!("writing {}", target.display()))(e));
                 break;
             }
-            let n = buf.len() as u64;
-            written += n;
-            pending_bytes += n;
-            progress.advance(n);
+            written += buf.len() as u64;
+            progress.advance(buf.len() as u64);
             let _ = empty_tx.send(buf);
-            if let Some(ix) = done {
-                pending.push(ix);
-                // The verifier syncs and reads back this window while the next is written.
-                if pending_bytes >= VERIFY_WINDOW {
-                    pending_bytes = 0;
-                    if verify_tx.send(std::mem::take(&mut pending)).is_err() {
-                        break; // the verifier failed; its error follows
-                    }
-                }
-            }
         }
         drop(empty_tx);
-        if result.is_ok() && !pending.is_empty() {
-            let _ = verify_tx.send(pending);
-        }
-        drop(verify_tx);
         let read = reader.join().expect("the image reader does not panic");
-        let verified = verifier.join().expect("the verifier does not panic");
-        if result.is_ok() {
-            result = out
-                .sync_all()
-                .map_err(io_err(format!("syncing {}", target.display())));
-        }
         result?;
         read?;
-        verified?;
-        progress.end();
-        Ok(WriteReport {
-            bytes_written: written,
-            elapsed: started.elapsed(),
-        })
+        Ok(written)
+    })?;
+    out.sync_all()
+        .map_err(io_err(format!("syncing {}", target.display())))?;
+    progress.end();
+
+    let readback =
+        File::open(target).map_err(io_err(format!("opening {} to verify", target.display())))?;
+    for range in &bmap.ranges {
+        let (offset, len) = bmap.span(range);
+        // Written back by the sync above, these pages are clean and can be dropped.
+        let _ = rustix::fs::fadvise(
+            &readback,
+            offset,
+            NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        );
+    }
+    progress.begin("verifying", bmap.mapped_bytes());
+    let bad = hash_ranges(&readback, bmap, progress)
+        .map_err(io_err(format!("reading back {}", target.display())))?;
+    if let Some(range) = bad {
+        return Err(FlashError::Verify {
+            target: target.to_owned(),
+            first: range.first,
+            last: range.last,
+        });
+    }
+    progress.end();
+    Ok(WriteReport {
+        bytes_written: written,
+        elapsed: started.elapsed(),
     })
 }
 
