@@ -9,6 +9,7 @@ token, opens a mutual-TLS sync session, sends events twice (the cloud must store
 tries a session without a client certificate. Prints one JSON object with what it saw.
 """
 import argparse
+import faulthandler
 import json
 import queue
 import sys
@@ -42,6 +43,9 @@ def main() -> int:
     p.add_argument("--ca", required=True, help="the fleet CA certificate (PEM)")
     p.add_argument("--token", required=True, help="a fresh enrolment token")
     a = p.parse_args()
+    # Every step takes well under a second; a peer stuck for a minute says where, on stderr,
+    # and exits instead of holding the test run.
+    faulthandler.dump_traceback_later(60, exit=True)
     ca_pem = open(a.ca, "rb").read()
     out = {}
 
