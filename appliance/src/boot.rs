@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use atlasmesh_image::bootenv::{BootEnv, GrubEnv, Slot, booted_slot};
+use atlasmesh_image::bootenv::{BootEnv, Slot, booted_slot};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, Outcome};
@@ -36,10 +36,7 @@ pub fn mark_good(config: &ImageConfig) -> anyhow::Result<BootOutcome> {
         )));
     }
     let slot = booted(&config.cmdline)?;
-    let env = GrubEnv {
-        file: config.grubenv.clone(),
-        editenv: config.grub_editenv.clone(),
-    };
+    let env = config.boot_env();
     let state = env.state()?;
     let mut marked = state.clone();
     marked.mark_good(slot);

@@ -62,6 +62,16 @@ pub struct ImageConfig {
     pub cmdline: PathBuf,
 }
 
+impl ImageConfig {
+    /// The boot environment these settings name.
+    pub fn boot_env(&self) -> atlasmesh_image::bootenv::GrubEnv {
+        atlasmesh_image::bootenv::GrubEnv {
+            file: self.grubenv.clone(),
+            editenv: self.grub_editenv.clone(),
+        }
+    }
+}
+
 impl Default for ImageConfig {
     fn default() -> Self {
         Self {

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use atlasmesh_image::bmap::human_bytes;
-use atlasmesh_image::bootenv::{BootEnv, GrubEnv};
+use atlasmesh_image::bootenv::BootEnv;
 use atlasmesh_image::build::{BuildOptions, build as build_image, sidecars};
 use atlasmesh_image::device::{SystemView, Target};
 use atlasmesh_image::flash::{FlashError, Progress, Quiet, flash as flash_image};
@@ -214,10 +214,7 @@ fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
         }
     };
     let booted = crate::boot::booted(&config.image.cmdline)?;
-    let env = GrubEnv {
-        file: config.image.grubenv.clone(),
-        editenv: config.image.grub_editenv.clone(),
-    };
+    let env = config.image.boot_env();
     let progress = progress(args.no_progress);
     let checked = check_bundle(&args.bundle, &trust, progress.as_ref())?;
     let slots = Slots {
@@ -265,10 +262,7 @@ fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
 
 fn status(args: ImageSlotArgs) -> anyhow::Result<u8> {
     let config = Config::load(&args.common.overrides())?;
-    let env = GrubEnv {
-        file: config.image.grubenv.clone(),
-        editenv: config.image.grub_editenv.clone(),
-    };
+    let env = config.image.boot_env();
     let state = env.state()?;
     let booted = crate::boot::booted(&config.image.cmdline).ok();
     println!("boot environment: {}", env.describe());

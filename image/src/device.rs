@@ -299,14 +299,20 @@ fn human(bytes: u64) -> String {
 }
 
 /// One mountinfo line: device number ("MAJ:MIN"), mount point and mount source.
-struct Mount {
-    dev: String,
-    mountpoint: String,
-    source: String,
+pub(crate) struct Mount {
+    /// `MAJ:MIN` of the mounted file system's device.
+    pub(crate) dev: String,
+    pub(crate) mountpoint: String,
+    pub(crate) source: String,
 }
 
 fn read_mountinfo(view: &SystemView) -> Result<Vec<Mount>, DeviceError> {
-    let text = fs::read_to_string(&view.mountinfo).map_err(io_err(&view.mountinfo))?;
+    mounts(&view.mountinfo)
+}
+
+/// The mount table in `mountinfo`'s format (`/proc/self/mountinfo`).
+pub(crate) fn mounts(mountinfo: &Path) -> Result<Vec<Mount>, DeviceError> {
+    let text = fs::read_to_string(mountinfo).map_err(io_err(mountinfo))?;
     Ok(text.lines().filter_map(parse_mount).collect())
 }
 

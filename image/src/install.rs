@@ -281,16 +281,13 @@ fn refuse_in_use(slot: Slot, path: &Path, mountinfo: &Path) -> Result<(), Instal
         return Ok(());
     }
     let wanted = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
-    let text = std::fs::read_to_string(mountinfo).unwrap_or_default();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(2) == Some(&wanted.as_str()) {
-            return Err(InstallError::SlotMounted {
-                slot,
-                path: path.to_owned(),
-                mountpoint: fields.get(4).unwrap_or(&"?").to_string(),
-            });
-        }
+    let mounts = crate::device::mounts(mountinfo).unwrap_or_default();
+    if let Some(mount) = mounts.iter().find(|m| m.dev == wanted) {
+        return Err(InstallError::SlotMounted {
+            slot,
+            path: path.to_owned(),
+            mountpoint: mount.mountpoint.clone(),
+        });
     }
     Ok(())
 }

@@ -78,6 +78,14 @@ impl Built {
         PathBuf::from(format!("{}.manifest", self.image.display()))
     }
 
+    /// A copy of the image with its bmap and manifest beside it, at `to`.
+    fn copy_to(&self, to: &Path) -> PathBuf {
+        std::fs::copy(&self.image, to).unwrap();
+        std::fs::copy(self.bmap(), format!("{}.bmap", to.display())).unwrap();
+        std::fs::copy(self.manifest(), format!("{}.manifest", to.display())).unwrap();
+        to.to_owned()
+    }
+
     fn manifest_json(&self) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(self.manifest()).unwrap()).unwrap()
     }
@@ -401,13 +409,7 @@ fn tampered_image_bmap_or_manifest_is_refused_before_writing() {
     };
     std::fs::write(&target, &original).unwrap();
 
-    let copy = |name: &str| -> PathBuf {
-        let image = built.path(name);
-        std::fs::copy(&built.image, &image).unwrap();
-        std::fs::copy(built.bmap(), format!("{}.bmap", image.display())).unwrap();
-        std::fs::copy(built.manifest(), format!("{}.manifest", image.display())).unwrap();
-        image
-    };
+    let copy = |name: &str| built.copy_to(&built.path(name));
 
     // The image: one byte of a file in root_b.
     let image = copy("image-tampered.img");
@@ -493,10 +495,7 @@ fn the_system_disk_a_mounted_disk_and_the_image_s_disk_are_refused() {
     let built = Built::new();
     // Every case below uses an image with a damaged block: should a device check ever fail
     // to refuse, the image check still stops the flash before anything is written.
-    let image = built.path("guard.img");
-    std::fs::copy(&built.image, &image).unwrap();
-    std::fs::copy(built.bmap(), format!("{}.bmap", image.display())).unwrap();
-    std::fs::copy(built.manifest(), format!("{}.manifest", image.display())).unwrap();
+    let image = built.copy_to(&built.path("guard.img"));
     let (offset, _) = built.partition("root_a");
     flip_byte(&image, offset + 1024 + 56);
 
