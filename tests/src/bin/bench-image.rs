@@ -31,7 +31,7 @@ use atlasmesh_tests::ota::{Fleet, s};
 use atlasmesh_tests::{atlasmesh, run};
 
 const MIB: u64 = 1 << 20;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// Slot and data sizes that make a 4 GiB image: 1 + 64 + 2 × 1600 + 830 + 1 MiB.
 const ROOT_MIB: u64 = 1600;
 const DATA_MIB: u64 = 830;
@@ -149,8 +149,15 @@ fn main() -> Result<()> {
                         String::from_utf8_lossy(&out.stderr)
                     );
                 }
+                // Our flash reports its phases ("checked in …, then written, synced and
+                // verified in …"); kept in the log to show where the time goes.
+                let phases = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .find(|l| l.contains("checked in"))
+                    .map(|l| format!(" ({})", l.trim()))
+                    .unwrap_or_default();
                 eprintln!(
-                    "{target_name} round {round}: {name} {:.2} s",
+                    "{target_name} round {round}: {name} {:.2} s{phases}",
                     elapsed.as_secs_f64()
                 );
                 times[i].push(elapsed);
