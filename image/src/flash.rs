@@ -186,7 +186,8 @@ fn hash_ranges(
     Ok(a?.or(b?))
 }
 
-fn hash_span(
+/// SHA-256 of `len` bytes of `file` from `offset`, read through `buf`, as hex.
+pub(crate) fn hash_span(
     file: &File,
     offset: u64,
     len: u64,
@@ -300,10 +301,9 @@ impl Aligned {
             len: capacity,
         }
     }
-    fn with_len(mut self, len: usize) -> Self {
+    fn set_len(&mut self, len: usize) {
         assert!(self.start + len <= self.raw.len());
         self.len = len;
-        self
     }
     fn bytes(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len]
@@ -405,18 +405,21 @@ pub fn write_and_verify(
     let (done_tx, done_rx) = mpsc::channel::<usize>();
     let (written, samples) = std::thread::scope(|scope| -> Result<_, FlashError> {
         let pieces = &pieces;
+        let sample = direct.is_some();
         let reader = scope.spawn(move || -> Result<Vec<Vec<u8>>, FlashError> {
-            // The first block of each piece, for the check after the sync.
-            let mut samples = Vec::with_capacity(pieces.len());
+            // The first block of each piece, for the direct path's check after the sync.
+            let mut samples = Vec::new();
             for (i, piece) in pieces.iter().enumerate() {
-                let Ok(buf) = empty_rx.recv() else {
+                let Ok(mut buf) = empty_rx.recv() else {
                     break;
                 };
-                let mut buf = buf.with_len(piece.len);
+                buf.set_len(piece.len);
                 image
                     .read_exact_at(buf.bytes_mut(), piece.offset)
                     .map_err(io_err(format!("reading {}", checked.image.display())))?;
-                samples.push(buf.bytes()[..piece.len.min(DIRECT_ALIGN)].to_vec());
+                if sample {
+                    samples.push(buf.bytes()[..piece.len.min(DIRECT_ALIGN)].to_vec());
+                }
                 if full_tx.send((i, buf)).is_err() {
                     break; // the writer stopped; its error is the one to report
                 }
@@ -443,13 +446,11 @@ pub fn write_and_verify(
                 let mut hasher = Sha256::new();
                 for i in done_rx {
                     let piece = &pieces[i];
-                    let mut chunk =
-                        std::mem::replace(&mut buf, Aligned::new(0)).with_len(piece.len);
+                    buf.set_len(piece.len);
                     readback
-                        .read_exact_at(chunk.bytes_mut(), piece.offset)
+                        .read_exact_at(buf.bytes_mut(), piece.offset)
                         .map_err(io_err(format!("reading back {}", target.display())))?;
-                    hasher.update(chunk.bytes());
-                    buf = chunk;
+                    hasher.update(buf.bytes());
                     progress.advance(piece.len as u64);
                     if piece.last
                         && hex::encode(hasher.finalize_reset()) != bmap.ranges[piece.range].sha256
@@ -496,14 +497,12 @@ pub fn write_and_verify(
     if let Some(readback) = &direct {
         let mut block = Aligned::new(DIRECT_ALIGN);
         for (piece, sample) in pieces.iter().zip(&samples) {
-            let mut b = std::mem::replace(&mut block, Aligned::new(0)).with_len(DIRECT_ALIGN);
             readback
-                .read_exact_at(b.bytes_mut(), piece.offset)
+                .read_exact_at(block.bytes_mut(), piece.offset)
                 .map_err(io_err(format!("reading back {}", target.display())))?;
-            if b.bytes()[..sample.len()] != sample[..] {
+            if block.bytes()[..sample.len()] != sample[..] {
                 return Err(verify_failed(piece));
             }
-            block = b;
         }
     } else {
         let readback = File::open(target)

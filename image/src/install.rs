@@ -21,11 +21,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
-
 use crate::bootenv::{BootEnv, BootEnvError, Slot};
 use crate::build::sidecars;
-use crate::flash::{Checked, FlashError, Progress, check_image, check_sidecars};
+use crate::flash::{Checked, FlashError, Progress, check_image, check_sidecars, hash_span};
 use crate::layout::Role;
 use crate::manifest::Trust;
 
@@ -197,21 +195,10 @@ pub fn install(
         rustix::fs::Advice::DontNeed,
     );
     progress.begin(&format!("verifying slot {slot}"), part.size);
-    let mut hasher = Sha256::new();
-    let mut pos = 0;
-    while pos < part.size {
-        let n = (part.size - pos).min(buf.len() as u64) as usize;
-        out.read_exact_at(&mut buf[..n], pos)
-            .map_err(io_err(format!(
-                "reading back slot {slot} ({})",
-                path.display()
-            )))?;
-        hasher.update(&buf[..n]);
-        progress.advance(n as u64);
-        pos += n as u64;
-    }
+    let slot_sha256 = hash_span(&out, 0, part.size, &mut buf, progress).map_err(io_err(
+        format!("reading back slot {slot} ({})", path.display()),
+    ))?;
     progress.end();
-    let slot_sha256 = hex::encode(hasher.finalize());
     if slot_sha256 != part.sha256 {
         return Err(InstallError::Verify { slot, path });
     }
