@@ -42,11 +42,11 @@ pub async fn read(args: ChargerReadArgs) -> anyhow::Result<u8> {
     .await;
     match result {
         Ok(out) => {
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            crate::outln!("{}", serde_json::to_string_pretty(&out)?)?;
             Ok(0)
         }
         Err(e) => {
-            eprintln!("error: {} ({}): {e}", args.address, e.code());
+            crate::errln!("error: {} ({}): {e}", args.address, e.code());
             Ok(1)
         }
     }
@@ -55,12 +55,12 @@ pub async fn read(args: ChargerReadArgs) -> anyhow::Result<u8> {
 pub fn profiles(args: ChargerProfilesArgs) -> anyhow::Result<u8> {
     let profiles = crate::charging::load_profiles(args.profiles_dir.as_deref())?;
     for (name, p) in profiles {
-        println!(
+        crate::outln!(
             "{name:24} {:8} {} {}",
             format!("{:?}", p.device.kind).to_lowercase(),
             p.device.manufacturer,
             p.device.model
-        );
+        )?;
     }
     Ok(0)
 }

@@ -233,12 +233,12 @@ pub async fn tool(command: CloudCommand) -> anyhow::Result<u8> {
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
             store.close().await;
-            eprintln!(
+            crate::errln!(
                 "enrolment token for depot {:?}, usable once until {}; on the depot: atlasmesh depot --cloud https://HOST:PORT --enroll-token TOKEN",
                 args.depot,
                 crate::audit::rfc3339(expires)
             );
-            println!("{token}");
+            crate::outln!("{token}")?;
             Ok(0)
         }
         CloudCommand::Revoke(args) => {
@@ -246,7 +246,7 @@ pub async fn tool(command: CloudCommand) -> anyhow::Result<u8> {
             let (store, _) = open(&config).await?;
             let depot = store.revoke_depot(&args.depot, now, "cli:revoke").await?;
             store.close().await;
-            eprintln!("revoked depot {:?} (id {})", depot.name, depot.id);
+            crate::errln!("revoked depot {:?} (id {})", depot.name, depot.id);
             Ok(0)
         }
         CloudCommand::Repository(args) => {
@@ -256,7 +256,7 @@ pub async fn tool(command: CloudCommand) -> anyhow::Result<u8> {
                 &args.root,
                 args.keys.as_deref(),
             )?;
-            eprintln!(
+            crate::errln!(
                 "image repository in {}: {}; restart the cloud to use new keys",
                 config.data_dir.join("repository").display(),
                 taken.join(", ")
@@ -277,12 +277,12 @@ pub async fn tool(command: CloudCommand) -> anyhow::Result<u8> {
                 )
                 .await?;
             store.close().await;
-            eprintln!(
+            crate::errln!(
                 "created fleet API token {:?} (role {}); it is shown once, keep it safe:",
                 args.name,
                 args.role.as_str()
             );
-            println!("{secret}");
+            crate::outln!("{secret}")?;
             Ok(0)
         }
     }

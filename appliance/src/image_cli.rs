@@ -93,29 +93,29 @@ fn build(args: ImageBuildArgs) -> anyhow::Result<u8> {
         now: chrono::Utc::now(),
     })?;
     let body = &report.body;
-    println!(
+    crate::outln!(
         "built {} ({}, {} mapped)",
         report.image.display(),
         human_bytes(body.image_size),
         human_bytes(body.mapped_bytes)
-    );
+    )?;
     for p in &body.partitions {
-        println!(
+        crate::outln!(
             "  {:<7} {:>5} at {:>10}  {:<11} {}",
             p.name,
             p.filesystem,
             human_bytes(p.offset),
             human_bytes(p.size),
             p.uuid
-        );
+        )?;
     }
-    println!("  image sha256 {}", body.image_sha256);
-    println!("  bmap         {}", report.bmap.display());
-    println!(
+    crate::outln!("  image sha256 {}", body.image_sha256)?;
+    crate::outln!("  bmap         {}", report.bmap.display())?;
+    crate::outln!(
         "  manifest     {} (signed by {})",
         report.manifest.display(),
         args.key.display()
-    );
+    )?;
     Ok(0)
 }
 
@@ -147,11 +147,11 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
                 target.describe()
             )));
         }
-        eprintln!(
+        crate::errln!(
             "{} is larger than 128 GB: it may be a computer's own disk rather than the garage PC's.",
             target.describe()
         );
-        eprint!("Type its {what} ({word}) to erase it and write the image: ");
+        crate::err!("Type its {what} ({word}) to erase it and write the image: ");
         let _ = std::io::stderr().flush();
         let mut line = String::new();
         std::io::stdin()
@@ -172,30 +172,30 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
         progress.as_ref(),
     )?;
     let w = &report.write;
-    println!(
+    crate::outln!(
         "flashed {} onto {}",
         args.image.display(),
         report.target.describe()
-    );
-    println!(
+    )?;
+    crate::outln!(
         "  written  {} of the {} image (mapped blocks only), each range read back and verified",
         human_bytes(w.bytes_written),
         human_bytes(report.image_size)
-    );
-    println!(
+    )?;
+    crate::outln!(
         "  speed    {:.1} MB/s (checked in {:.2} s, then written, synced and verified in {:.2} s)",
         w.speed() / 1e6,
         report.checked_in.as_secs_f64(),
         w.elapsed.as_secs_f64()
-    );
-    println!(
+    )?;
+    crate::outln!(
         "  serial   {}",
         report.target.serial.as_deref().unwrap_or("(none reported)")
-    );
-    println!(
+    )?;
+    crate::outln!(
         "  image    sha256 {} (signed manifest)",
         report.image_sha256
-    );
+    )?;
     Ok(0)
 }
 
@@ -230,7 +230,7 @@ fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
         progress.as_ref(),
     )?;
     tracing::info!(slot = %report.slot, image = %args.bundle.display(), "installed an update into the inactive slot");
-    println!(
+    crate::outln!(
         "installed {} into slot {} ({}): {} written, verified (sha256 {}) in {:.1} s",
         args.bundle.display(),
         report.slot,
@@ -238,11 +238,12 @@ fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
         human_bytes(report.bytes_written),
         report.slot_sha256,
         report.seconds
-    );
-    println!(
+    )?;
+    crate::outln!(
         "slot {} is armed for one trial boot; reboot to try it. The depot marks it good after its self-test; otherwise the next boot returns to slot {}.",
-        report.slot, booted
-    );
+        report.slot,
+        booted
+    )?;
     Ok(0)
 }
 
@@ -252,9 +253,11 @@ fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
         crate::boot::BootOutcome::Off(why) => {
             anyhow::bail!("no boot environment to mark: {why}")
         }
-        crate::boot::BootOutcome::AlreadyGood(slot) => println!("slot {slot} is already good"),
+        crate::boot::BootOutcome::AlreadyGood(slot) => {
+            crate::outln!("slot {slot} is already good")?
+        }
         crate::boot::BootOutcome::MarkedGood(slot) => {
-            println!("slot {slot} marked good; it keeps booting")
+            crate::outln!("slot {slot} marked good; it keeps booting")?
         }
     }
     Ok(0)
@@ -265,19 +268,19 @@ fn status(args: ImageSlotArgs) -> anyhow::Result<u8> {
     let env = config.image.boot_env();
     let state = env.state()?;
     let booted = crate::boot::booted(&config.image.cmdline).ok();
-    println!("boot environment: {}", env.describe());
-    println!(
+    crate::outln!("boot environment: {}", env.describe())?;
+    crate::outln!(
         "running slot:     {}",
         booted.map_or("unknown (not booted by the appliance's GRUB)".into(), |s| s
             .to_string())
-    );
+    )?;
     let order: Vec<&str> = state.order.iter().map(|s| s.letter()).collect();
-    println!("order:            {}", order.join(" "));
+    crate::outln!("order:            {}", order.join(" "))?;
     for (slot, path) in [
         (atlasmesh_image::bootenv::Slot::A, &config.image.slot_a),
         (atlasmesh_image::bootenv::Slot::B, &config.image.slot_b),
     ] {
-        println!(
+        crate::outln!(
             "slot {slot} ({}): {}{}",
             path.display(),
             if state.is_good(slot) {
@@ -290,9 +293,9 @@ fn status(args: ImageSlotArgs) -> anyhow::Result<u8> {
             } else {
                 ""
             }
-        );
+        )?;
     }
     let next = state.clone().boot();
-    println!("next boot:        slot {next}");
+    crate::outln!("next boot:        slot {next}")?;
     Ok(0)
 }

@@ -19,7 +19,8 @@
 //! - [`store`]: the depot store, migrations, backup and restore. [`datadir`]: lock and secrets.
 //! - [`auth`]: roles, passwords, tokens, sessions, login limiter. [`audit`]: the audit trail.
 //! - [`metrics`], [`logging`], [`sysstat`], [`shutdown`]: observability and lifecycle.
-//! - [`tools`]: offline commands (token minting, backup, restore).
+//! - [`tools`]: offline commands (token minting, backup, restore). [`stdio`]: the tools'
+//!   output, without panics when a pipe's reader has gone.
 
 pub mod audit;
 pub mod auth;
@@ -46,6 +47,7 @@ pub mod rollouts;
 pub mod shutdown;
 pub mod sim_cli;
 pub mod smart_cli;
+pub mod stdio;
 pub mod store;
 pub mod sysstat;
 pub mod tls;

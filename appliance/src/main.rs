@@ -19,8 +19,11 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output has gone (`atlasmesh ... | head -1`): nobody is left to
+        // read a message; exit as a shell shows a process stopped by SIGPIPE.
+        Err(err) if atlasmesh::stdio::is_broken_pipe(&err) => ExitCode::from(141),
         Err(err) => {
-            eprintln!("atlasmesh: error: {err:#}");
+            atlasmesh::errln!("atlasmesh: error: {err:#}");
             // Configuration mistakes are usage errors, like clap's own (exit 2).
             if err.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(2)
@@ -43,7 +46,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Depot(args) => {
             let config = Config::load(&args.overrides())?;
             if args.print_config {
-                print!("{}", config.to_toml());
+                atlasmesh::out!("{}", config.to_toml())?;
                 return Ok(0);
             }
             logging::init(&config.log)?;
@@ -67,7 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Cloud(args) => {
             let config = Config::load(&args.overrides())?;
             if args.print_config {
-                print!("{}", config.to_toml());
+                atlasmesh::out!("{}", config.to_toml())?;
                 return Ok(0);
             }
             logging::init(&config.log)?;
@@ -77,35 +80,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Token(TokenCommand::Create(args)) => {
             let config = Config::load(&args.common.overrides())?;
             let (token, secret) = tools::token_create(&config.data_dir, args.role, &args.name)?;
-            eprintln!(
+            atlasmesh::errln!(
                 "created API token {:?} (id {}, role {}); it is shown once, keep it safe:",
-                token.name, token.id, token.role
+                token.name,
+                token.id,
+                token.role
             );
-            println!("{secret}");
+            atlasmesh::outln!("{secret}")?;
             Ok(0)
         }
         Command::Backup(args) => {
             let config = Config::load(&args.common.overrides())?;
             let report = tools::backup(&config.data_dir, &args.out)?;
-            println!(
+            atlasmesh::outln!(
                 "backup written to {} ({} bytes, schema version {}, sha256 {})",
                 report.out.display(),
                 report.bytes,
                 report.schema_version,
                 report.sha256
-            );
+            )?;
             Ok(0)
         }
         Command::Restore(args) => {
             let config = Config::load(&args.common.overrides())?;
             let report = tools::restore(&config.data_dir, &args.from)?;
-            println!(
+            atlasmesh::outln!(
                 "restored {} from {}",
                 report.restored.display(),
                 report.from.display()
-            );
+            )?;
             if let Some(kept) = report.previous_kept_as {
-                println!("the replaced store is kept as {}", kept.display());
+                atlasmesh::outln!("the replaced store is kept as {}", kept.display())?;
             }
             Ok(0)
         }

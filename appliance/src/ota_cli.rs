@@ -27,8 +27,8 @@ fn expiries(args: &ExpiryArgs) -> Expiries {
     }
 }
 
-fn print(value: serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(&value).expect("JSON"));
+fn print(value: serde_json::Value) -> Result<(), crate::stdio::StdoutError> {
+    crate::outln!("{}", serde_json::to_string_pretty(&value).expect("JSON"))
 }
 
 pub async fn release(command: ReleaseCommand) -> anyhow::Result<()> {
@@ -38,21 +38,21 @@ pub async fn release(command: ReleaseCommand) -> anyhow::Result<()> {
             if let Some(out) = out {
                 let key = KeyPair::generate();
                 key.write_new(&out)?;
-                print(json!({"written": [out], "public": key.public_hex()}));
+                print(json!({"written": [out], "public": key.public_hex()}))?;
             } else if let Some(dir) = keys {
                 let written = Keys::generate(&dir)?;
-                print(json!({"written": written}));
+                print(json!({"written": written}))?;
             }
         }
         ReleaseCommand::Init { repo, expiry } => {
             let keys = Keys::load(&repo.keys)?;
             release::init(&repo.repo, &keys, expiries(&expiry), &clock).await?;
             let root = repo.repo.join("metadata/1.root.json");
-            eprintln!(
+            crate::errln!(
                 "repository created; pin {} on depots (ota.fleet_root) and provision it on vehicles",
                 root.display()
             );
-            print(json!({"repository": repo.repo, "fleet_root": root}));
+            print(json!({"repository": repo.repo, "fleet_root": root}))?;
         }
         ReleaseCommand::Add {
             repo,
@@ -72,12 +72,12 @@ pub async fn release(command: ReleaseCommand) -> anyhow::Result<()> {
             };
             let added =
                 release::add(&repo.repo, &keys, &image, &meta, expiries(&expiry), &clock).await?;
-            print(serde_json::to_value(&added)?);
+            print(serde_json::to_value(&added)?)?;
         }
         ReleaseCommand::Refresh { repo, expiry } => {
             let keys = Keys::load(&repo.keys)?;
             let version = release::refresh(&repo.repo, &keys, expiries(&expiry), &clock).await?;
-            print(json!({"timestamp_version": version}));
+            print(json!({"timestamp_version": version}))?;
         }
         ReleaseCommand::Rotate {
             repo,
@@ -97,7 +97,7 @@ pub async fn release(command: ReleaseCommand) -> anyhow::Result<()> {
                 &clock,
             )
             .await?;
-            print(json!({"root_version": version}));
+            print(json!({"root_version": version}))?;
         }
         ReleaseCommand::CertifyDepot {
             keys,
@@ -124,7 +124,7 @@ pub async fn release(command: ReleaseCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             print(
                 json!({"certificate": out, "depot_id": depot_id, "expires": cert.signed.expires}),
-            );
+            )?;
         }
         ReleaseCommand::Bundle {
             repo,
@@ -133,7 +133,7 @@ pub async fn release(command: ReleaseCommand) -> anyhow::Result<()> {
             out,
         } => {
             let written = bundle(&repo, &hardware, &version, &out).await?;
-            print(json!({"bundle": out, "bytes": written}));
+            print(json!({"bundle": out, "bytes": written}))?;
         }
     }
     Ok(())
@@ -203,7 +203,7 @@ pub async fn stage(args: StageArgs) -> anyhow::Result<()> {
                 .append_pair("hardware", h)
                 .append_pair("version", v);
         }
-        eprintln!("uploading {} ...", bundle.display());
+        crate::errln!("uploading {} ...", bundle.display());
         let response = client
             .post(url)
             .bearer_auth(&args.token)
@@ -264,9 +264,10 @@ pub async fn stage(args: StageArgs) -> anyhow::Result<()> {
                     .json()
                     .await?;
                 match state["state"].as_str() {
-                    Some("running") => eprintln!(
+                    Some("running") => crate::errln!(
                         "job {job}: {} of {} bytes",
-                        state["bytes_done"], state["bytes_total"]
+                        state["bytes_done"],
+                        state["bytes_total"]
                     ),
                     Some("staged") => break (reqwest::StatusCode::CREATED, state),
                     _ => {
@@ -279,7 +280,7 @@ pub async fn stage(args: StageArgs) -> anyhow::Result<()> {
             }
         }
     };
-    print(body.clone());
+    print(body.clone())?;
     if !status.is_success() {
         bail!(
             "the depot refused ({status}): {}",
@@ -319,11 +320,11 @@ pub async fn vehicle_pull(args: VehiclePullArgs) -> anyhow::Result<u8> {
     match atlasmesh_vehicle_link::ota::pull(&config).await {
         Ok(report) => {
             let interrupted = matches!(report.outcome, Outcome::Interrupted { .. });
-            print(serde_json::to_value(&report)?);
+            print(serde_json::to_value(&report)?)?;
             Ok(if interrupted { EXIT_INTERRUPTED } else { 0 })
         }
         Err(e) => {
-            print(json!({"error": {"code": e.code(), "message": e.to_string()}}));
+            print(json!({"error": {"code": e.code(), "message": e.to_string()}}))?;
             Err(refused(e))
         }
     }

@@ -280,7 +280,7 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         depot_url: depot.clone(),
         state_dir,
     };
-    eprintln!(
+    crate::errln!(
         "simulating {} vehicles against depot {depot_id} (broker {}:{})",
         vehicles.len(),
         endpoints.broker_host,
@@ -299,7 +299,7 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         // The depot reaches them through its configuration; this is the part to paste.
         let snippet = toml::to_string(&serde_json::json!({ "charging": { "chargers": chargers } }))
             .unwrap_or_default();
-        println!("# simulated chargers: add to the depot's configuration\n{snippet}");
+        crate::outln!("# simulated chargers: add to the depot's configuration\n{snippet}")?;
     }
     if let Some(limit) = args.duration {
         let stop = shutdown.clone();
@@ -316,12 +316,12 @@ pub async fn run(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<u
         std::fs::write(path, serde_json::to_vec_pretty(&finals)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!(
+    crate::errln!(
         "simulation ended: {} vehicles, {messages} messages, {errors} errors",
         finals.len()
     );
     for f in finals.iter().filter(|f| !f.errors.is_empty()).take(5) {
-        eprintln!("  {}: {}", f.id, f.errors.join("; "));
+        crate::errln!("  {}: {}", f.id, f.errors.join("; "));
     }
     Ok(if errors == 0 { 0 } else { 1 })
 }

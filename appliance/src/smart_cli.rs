@@ -41,22 +41,22 @@ pub async fn report(config: &DisksConfig, as_json: bool) -> anyhow::Result<u8> {
         out.push(item);
     }
     if as_json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&json!({ "disks": out }))?
-        );
+        )?;
     } else if readings.is_empty() {
-        println!(
+        crate::outln!(
             "smartctl ({}) found no disks to read. Disks of a virtual machine (virtio) and some USB \
              bridges do not pass SMART through; name a device with --device to see why smartctl \
              cannot read it.",
             config.smartctl.display()
-        );
+        )?;
     } else {
         for (device, read) in &readings {
             match read {
                 Ok((report, a)) => {
-                    println!(
+                    crate::outln!(
                         "{device}: {} ({}{}{})",
                         a.verdict.as_str().to_uppercase(),
                         report.model.as_deref().unwrap_or("unknown model"),
@@ -70,12 +70,12 @@ pub async fn report(config: &DisksConfig, as_json: bool) -> anyhow::Result<u8> {
                             .as_ref()
                             .map(|p| format!(", {}", p.name()))
                             .unwrap_or_default(),
-                    );
+                    )?;
                     for r in &a.reasons {
-                        println!("  [{}] {}", r.severity.as_str(), r.message);
+                        crate::outln!("  [{}] {}", r.severity.as_str(), r.message)?;
                     }
                     for k in &a.key_attributes {
-                        println!(
+                        crate::outln!(
                             "  {}: {}{}",
                             k.name,
                             k.value,
@@ -83,16 +83,17 @@ pub async fn report(config: &DisksConfig, as_json: bool) -> anyhow::Result<u8> {
                                 .as_deref()
                                 .map(|u| format!(" {u}"))
                                 .unwrap_or_default()
-                        );
+                        )?;
                     }
                     if let Some(life) = &a.remaining_life {
-                        println!(
+                        crate::outln!(
                             "  wear: {} % used, about {:.0} days left at the current rate",
-                            life.percent_used, life.days_left
-                        );
+                            life.percent_used,
+                            life.days_left
+                        )?;
                     }
                 }
-                Err(e) => println!("{device}: UNKNOWN\n  [unknown] {e}"),
+                Err(e) => crate::outln!("{device}: UNKNOWN\n  [unknown] {e}")?,
             }
         }
     }

@@ -916,6 +916,40 @@ fn first_start_creates_an_admin_with_a_private_password_file() {
 }
 
 #[test]
+fn output_to_a_closed_pipe_or_a_full_disk_is_handled_without_a_panic() {
+    // The reader has gone (`atlasmesh depot --print-config | head -1` once head exits):
+    // quiet exit with 128 + SIGPIPE, as a shell shows for coreutils.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = atlasmesh()
+        .args(["depot", "--print-config"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+
+    // Output lost to a full disk is an error, not a success.
+    let full = std::fs::File::options()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = atlasmesh()
+        .args(["depot", "--print-config"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("writing to standard output") && stderr.contains("No space left"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn configuration_from_file_env_and_flags() {
     let dir = tempfile::tempdir().unwrap();
     // Defaults with no file at all.

@@ -319,6 +319,30 @@ fn bmaptool_with_our_bmap_writes_what_our_flash_writes() {
     );
     assert_eq!(sha256_file(&ours), hash);
 
+    // A flash whose output nobody reads any more (`... | head -1`) still writes and verifies
+    // the whole image, then exits quietly as SIGPIPE would, instead of panicking.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let unread = built.path("unread.img");
+    let out = atlasmesh()
+        .args([
+            "image",
+            "flash",
+            "--image",
+            s(&built.image),
+            "--device",
+            s(&unread),
+        ])
+        .arg("--root")
+        .arg(built.fleet.root())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(sha256_file(&unread), hash);
+
     // bmaptool checks our range checksums: a flipped byte in a mapped block fails its copy.
     let damaged = built.path("damaged.img");
     std::fs::copy(&built.image, &damaged).unwrap();
