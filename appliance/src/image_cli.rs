@@ -8,14 +8,18 @@ use std::sync::Mutex;
 use anyhow::Context;
 use atlasmesh_image::bmap::human_bytes;
 use atlasmesh_image::bootenv::BootEnv;
+use atlasmesh_image::bootenv::Slot;
 use atlasmesh_image::build::{BuildOptions, build as build_image, sidecars};
 use atlasmesh_image::device::{SystemView, Target};
 use atlasmesh_image::flash::{FlashError, Progress, Quiet, flash as flash_image};
-use atlasmesh_image::install::{Slots, check_bundle, install as install_image};
+use atlasmesh_image::install::{InstallReport, Slots, check_bundle, install as install_image};
 use atlasmesh_image::manifest::Trust;
 use atlasmesh_ota_staging::keys::KeyPair;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use serde_json::json;
+
+use crate::audit::Outcome;
 use crate::cli::{ImageBuildArgs, ImageCommand, ImageFlashArgs, ImageInstallArgs, ImageSlotArgs};
 use crate::config::Config;
 
@@ -201,6 +205,45 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
 
 fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
     let config = Config::load(&args.common.overrides())?;
+    let result = install_checked(&args, &config);
+    let bundle = args.bundle.display().to_string();
+    let (outcome, detail) = match &result {
+        Ok((report, _)) => (
+            Outcome::Ok,
+            json!({"bundle": bundle, "slot": report.slot.letter(), "bytes": report.bytes_written,
+                   "slot_sha256": report.slot_sha256}),
+        ),
+        Err(e) => (
+            Outcome::Failed,
+            json!({"bundle": bundle, "error": format!("{e:#}")}),
+        ),
+    };
+    audit(&config, "image.install", outcome, detail);
+    let (report, booted) = result?;
+    tracing::info!(slot = %report.slot, image = %args.bundle.display(), "installed an update into the inactive slot");
+    crate::outln!(
+        "installed {} into slot {} ({}): {} written, verified (sha256 {}) in {:.1} s",
+        args.bundle.display(),
+        report.slot,
+        report.path.display(),
+        human_bytes(report.bytes_written),
+        report.slot_sha256,
+        report.seconds
+    )?;
+    crate::outln!(
+        "slot {} is armed for one trial boot; reboot to try it. The depot marks it good after its self-test; otherwise the next boot returns to slot {}.",
+        report.slot,
+        booted
+    )?;
+    Ok(0)
+}
+
+/// Checks the bundle against the fleet's trust and writes it into the inactive slot; returns
+/// what was written and the slot running now.
+fn install_checked(
+    args: &ImageInstallArgs,
+    config: &Config,
+) -> anyhow::Result<(InstallReport, Slot)> {
     let trust = match &args.root {
         Some(root) => trust(root)?,
         None => {
@@ -229,27 +272,28 @@ fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
         std::path::Path::new("/proc/self/mountinfo"),
         progress.as_ref(),
     )?;
-    tracing::info!(slot = %report.slot, image = %args.bundle.display(), "installed an update into the inactive slot");
-    crate::outln!(
-        "installed {} into slot {} ({}): {} written, verified (sha256 {}) in {:.1} s",
-        args.bundle.display(),
-        report.slot,
-        report.path.display(),
-        human_bytes(report.bytes_written),
-        report.slot_sha256,
-        report.seconds
-    )?;
-    crate::outln!(
-        "slot {} is armed for one trial boot; reboot to try it. The depot marks it good after its self-test; otherwise the next boot returns to slot {}.",
-        report.slot,
-        booted
-    )?;
-    Ok(0)
+    Ok((report, booted))
 }
 
 fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
     let config = Config::load(&args.common.overrides())?;
-    match crate::boot::mark_good(&config.image)? {
+    let result = crate::boot::mark_good(&config.image);
+    match &result {
+        Ok(crate::boot::BootOutcome::MarkedGood(slot)) => audit(
+            &config,
+            "image.mark_good",
+            Outcome::Ok,
+            json!({"slot": slot.letter()}),
+        ),
+        Ok(_) => {} // nothing changed
+        Err(e) => audit(
+            &config,
+            "image.mark_good",
+            Outcome::Failed,
+            json!({"error": format!("{e:#}")}),
+        ),
+    }
+    match result? {
         crate::boot::BootOutcome::Off(why) => {
             anyhow::bail!("no boot environment to mark: {why}")
         }
@@ -261,6 +305,28 @@ fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Records a boot-slot change in the depot's audit trail, as the depot does for its own
+/// mark-good. The change has happened (or failed) either way, so a trail that cannot be
+/// written is reported, not turned into the command's failure.
+fn audit(config: &Config, action: &str, outcome: Outcome, detail: serde_json::Value) {
+    match crate::tools::record_cli_change(
+        &config.data_dir,
+        action,
+        Some("boot slot".into()),
+        outcome,
+        detail,
+    ) {
+        Ok(true) => {}
+        Ok(false) => crate::errln!(
+            "note: no depot store in {} yet, so this {action} is not in the audit trail",
+            config.data_dir.display()
+        ),
+        Err(e) => {
+            crate::errln!("warning: could not write the audit record for this {action}: {e:#}")
+        }
+    }
 }
 
 fn status(args: ImageSlotArgs) -> anyhow::Result<u8> {

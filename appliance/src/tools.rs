@@ -1,5 +1,6 @@
 //! Offline commands that work on a data directory directly: token minting, backup, restore.
-//! Each writes its own audit record, so the trail shows changes made outside the API too.
+//! Each writes its own audit record, so the trail shows changes made outside the API too;
+//! [`record_cli_change`] does the same for the image tools (install, mark-good).
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -70,6 +71,37 @@ pub fn token_create(
     })?;
     store.close()?;
     Ok(created)
+}
+
+/// Writes one audit record, by `cli:<user>`, for a change made on the command line outside the
+/// API (the depot may be running: the store takes concurrent writers). `Ok(false)` when the
+/// data directory has no store yet (an appliance whose depot never started): no trail exists
+/// to write to.
+pub fn record_cli_change(
+    data_dir: &Path,
+    action: &str,
+    target: Option<String>,
+    outcome: Outcome,
+    detail: serde_json::Value,
+) -> Result<bool, ToolError> {
+    let store = match open_existing(data_dir) {
+        Ok(store) => store,
+        Err(ToolError::NoStore(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let entry = audit::Entry {
+        actor: cli_actor(),
+        role: None,
+        action: action.into(),
+        target,
+        outcome,
+        request_id: None,
+        detail,
+    };
+    let now = unix_ms(SystemTime::now());
+    store.write_blocking(|tx| audit::record(tx, &entry, now))?;
+    store.close()?;
+    Ok(true)
 }
 
 pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupReport, ToolError> {

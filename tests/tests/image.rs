@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use atlasmesh_tests::ota::{Fleet, s};
-use atlasmesh_tests::{Options, Server, atlasmesh, run};
+use atlasmesh_tests::{Options, Server, atlasmesh, http, mint_token, run};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -683,6 +683,15 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
         ),
         ("ATLASMESH_DATA_DIR".to_owned(), s(&data_dir).to_owned()),
     ];
+    // The appliance's depot has run before (its store exists), so the image tools' changes
+    // land in its audit trail.
+    drop(
+        Server::start(Options {
+            data_dir: Some(data_dir.clone()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let cli = |args: &[&str]| {
         let mut cmd = atlasmesh();
         cmd.arg("image")
@@ -789,6 +798,42 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Every boot-slot change is in the audit trail: who, what, and how it ended. (The
+    // mark-good on A above found A already good and changed nothing.)
+    let token = mint_token(&data_dir, "admin", "auditor").unwrap();
+    let audit: serde_json::Value = http()
+        .get(depot.url("/api/v1/audit"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let trail: Vec<(String, String, String, String)> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev() // oldest first
+        .filter(|r| r["action"].as_str().unwrap().starts_with("image."))
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            let slot = r["detail"]["slot"].as_str().unwrap_or("-").to_owned();
+            (field("actor"), field("action"), field("result"), slot)
+        })
+        .collect();
+    let user = format!("cli:{}", std::env::var("USER").unwrap_or("unknown".into()));
+    let entry = |actor: &str, action: &str, result: &str, slot: &str| {
+        (actor.to_owned(), action.into(), result.into(), slot.into())
+    };
+    assert_eq!(
+        trail,
+        [
+            entry(&user, "image.install", "ok", "B"),
+            entry(&user, "image.install", "failed", "-"),
+            entry(&user, "image.install", "ok", "B"),
+            entry("system", "image.mark_good", "ok", "B"),
+        ],
+        "{audit:#}"
+    );
     drop(depot);
     assert_eq!(power_on(&grubenv, &cmdline), "B");
     assert_eq!(
