@@ -6,6 +6,8 @@
 //! read-only, big enough; large drives confirmed by serial), and every mapped range of the
 //! image must match its checksum. Then only mapped ranges are written, and every range is read
 //! back from the target itself (never from the page cache) and checked against the bmap.
+//! A regular file target is written into a new file beside it that replaces it only after
+//! that (see [`Output`]).
 //!
 //! Both cores work: the image is checked by two hashing threads. A block device is written
 //! with direct I/O while a second thread reads back and hashes what was just written, so
@@ -220,22 +222,84 @@ impl WriteReport {
     }
 }
 
-/// Opens the target for writing. A file is truncated and sized to the image, so its holes
-/// read as zeros and it equals the image; a block device is opened exclusively (`O_EXCL`),
-/// which the kernel refuses while anything has it mounted or claimed.
-pub fn open_target(target: &Target, image_size: u64) -> Result<File, FlashError> {
+/// Where the image is being written; see [`open_target`].
+#[derive(Debug)]
+pub enum Output {
+    /// A block device, opened exclusively (`O_EXCL`), which the kernel refuses while anything
+    /// has it mounted or claimed.
+    Device(File),
+    /// A regular file target is written into a new file beside it, which replaces it (a
+    /// rename) only once written, synced and read back. A flash that fails or is killed half
+    /// way leaves the old file as it was, never a file that is half one image and half another.
+    File {
+        staged: tempfile::NamedTempFile,
+        target: PathBuf,
+    },
+}
+
+impl Output {
+    pub fn file(&self) -> &File {
+        match self {
+            Output::Device(file) => file,
+            Output::File { staged, .. } => staged.as_file(),
+        }
+    }
+
+    /// Puts a written and verified file in place of the target, durably (the directory is
+    /// synced too). Nothing to do for a device.
+    pub fn commit(self) -> Result<(), FlashError> {
+        let Output::File { staged, target } = self else {
+            return Ok(());
+        };
+        let what = || format!("replacing {}", target.display());
+        staged
+            .persist(&target)
+            .map_err(|e| io_err(what())(e.error))?;
+        if let Some(dir) = target.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(what()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens the target for writing: a block device itself, or for a regular file a temporary
+/// file in the same directory (hidden, named `.NAME.atlasmesh-…`) with the image's size, so
+/// its holes read as zeros, and the old file's permissions (0644 for a new one). A symbolic
+/// link is followed: the file it points to is the one replaced.
+pub fn open_target(target: &Target, image_size: u64) -> Result<Output, FlashError> {
     let what = || format!("opening {} for writing", target.path.display());
     match target.kind {
         TargetKind::File => {
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&target.path)
+            let path = std::fs::canonicalize(&target.path).unwrap_or_else(|_| target.path.clone());
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir,
+                _ => Path::new("."),
+            };
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let mode = std::fs::metadata(&path).map_or(0o644, |m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode() & 0o7777
+            });
+            let staged = tempfile::Builder::new()
+                .prefix(&format!(".{name}.atlasmesh-"))
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .tempfile_in(dir)
                 .map_err(io_err(what()))?;
-            file.set_len(image_size).map_err(io_err(what()))?;
-            Ok(file)
+            staged
+                .as_file()
+                .set_len(image_size)
+                .map_err(io_err(what()))?;
+            Ok(Output::File {
+                staged,
+                target: path,
+            })
         }
         TargetKind::BlockDevice { .. } => {
             use rustix::fs::{Mode, OFlags};
@@ -245,7 +309,7 @@ pub fn open_target(target: &Target, image_size: u64) -> Result<File, FlashError>
                 Mode::empty(),
             )
             .map_err(|e| io_err(what())(e.into()))?;
-            Ok(File::from(fd))
+            Ok(Output::Device(File::from(fd)))
         }
     }
 }
@@ -354,7 +418,7 @@ fn go_direct(out: &File, target: &Target, bmap: &Bmap) -> Option<File> {
     Some(readback)
 }
 
-/// Writes the mapped ranges of a checked image to `out` (see [`open_target`]) and verifies
+/// Writes the mapped ranges of a checked image to `out` (an [`Output::file`]) and verifies
 /// every range by reading it back from the target itself, never from the page cache. A reader
 /// thread keeps the writer fed from the image.
 ///
@@ -505,20 +569,19 @@ pub fn write_and_verify(
             }
         }
     } else {
-        let readback = File::open(target)
-            .map_err(io_err(format!("opening {} to verify", target.display())))?;
+        // The staged file (see [`Output`]) is read back through the descriptor that wrote it.
         for range in &bmap.ranges {
             let (offset, len) = bmap.span(range);
             // Written back by the sync above, these pages are clean and can be dropped.
             let _ = rustix::fs::fadvise(
-                &readback,
+                out,
                 offset,
                 NonZeroU64::new(len),
                 rustix::fs::Advice::DontNeed,
             );
         }
         progress.begin("verifying", bmap.mapped_bytes());
-        let bad = hash_ranges(&readback, bmap, progress)
+        let bad = hash_ranges(out, bmap, progress)
             .map_err(io_err(format!("reading back {}", target.display())))?;
         if let Some(range) = bad {
             return Err(FlashError::Verify {
@@ -578,7 +641,8 @@ pub fn flash(
     check_image(&checked, progress)?;
     let checked_in = started.elapsed();
     let out = open_target(&target, checked.manifest.image_size)?;
-    let write = write_and_verify(&checked, &out, &target, progress)?;
+    let write = write_and_verify(&checked, out.file(), &target, progress)?;
+    out.commit()?;
     Ok(FlashReport {
         target,
         checked_in,
@@ -649,9 +713,9 @@ mod tests {
     fn check_target(checked: &Checked, target: &Target) {
         // Intact: written, verified, and equal to the image on every mapped byte.
         let out = open_target(target, checked.bmap.image_size).unwrap();
-        let report = write_and_verify(checked, &out, target, &Quiet).unwrap();
+        let report = write_and_verify(checked, out.file(), target, &Quiet).unwrap();
         assert_eq!(report.bytes_written, checked.bmap.mapped_bytes());
-        drop(out);
+        out.commit().unwrap();
         let image = std::fs::read(&checked.image).unwrap();
         let written = File::open(&target.path).unwrap();
         for range in &checked.bmap.ranges {
@@ -664,10 +728,27 @@ mod tests {
         // What comes back disagrees with the bmap: the middle range is named.
         let mut wrong = checked.clone();
         wrong.bmap.ranges[1].sha256 = sha(b"not these bytes");
+        let before = vec![0x77; 1 << 20];
+        if target.kind == TargetKind::File {
+            std::fs::write(&target.path, &before).unwrap();
+        }
         let out = open_target(target, checked.bmap.image_size).unwrap();
-        match write_and_verify(&wrong, &out, target, &Quiet) {
+        match write_and_verify(&wrong, out.file(), target, &Quiet) {
             Err(FlashError::Verify { first, last, .. }) => assert_eq!((first, last), (256, 2856)),
             other => panic!("expected a verification failure, got {other:?}"),
+        }
+        drop(out);
+        if target.kind == TargetKind::File {
+            // The failed flash left the file it would have replaced as it was, and no
+            // staged file behind.
+            assert!(std::fs::read(&target.path).unwrap() == before);
+            let dir = target.path.parent().unwrap();
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["depot.img", "target.img"]);
         }
     }
 
@@ -719,7 +800,7 @@ mod tests {
         };
         // The direct path is the one under test.
         let probe = open_target(&target, 0).unwrap();
-        assert!(go_direct(&probe, &target, &checked.bmap).is_some());
+        assert!(go_direct(probe.file(), &target, &checked.bmap).is_some());
         drop(probe);
         check_target(&checked, &target);
     }
