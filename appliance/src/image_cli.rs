@@ -218,7 +218,7 @@ fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
             json!({"bundle": bundle, "error": format!("{e:#}")}),
         ),
     };
-    audit(&config, "image.install", outcome, detail);
+    audit_change(&config, "image.install", outcome, detail);
     let (report, booted) = result?;
     tracing::info!(slot = %report.slot, image = %args.bundle.display(), "installed an update into the inactive slot");
     crate::outln!(
@@ -279,14 +279,14 @@ fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
     let config = Config::load(&args.common.overrides())?;
     let result = crate::boot::mark_good(&config.image);
     match &result {
-        Ok(crate::boot::BootOutcome::MarkedGood(slot)) => audit(
+        Ok(crate::boot::BootOutcome::MarkedGood(slot)) => audit_change(
             &config,
             "image.mark_good",
             Outcome::Ok,
             json!({"slot": slot.letter()}),
         ),
         Ok(_) => {} // nothing changed
-        Err(e) => audit(
+        Err(e) => audit_change(
             &config,
             "image.mark_good",
             Outcome::Failed,
@@ -310,7 +310,7 @@ fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
 /// Records a boot-slot change in the depot's audit trail, as the depot does for its own
 /// mark-good. The change has happened (or failed) either way, so a trail that cannot be
 /// written is reported, not turned into the command's failure.
-fn audit(config: &Config, action: &str, outcome: Outcome, detail: serde_json::Value) {
+fn audit_change(config: &Config, action: &str, outcome: Outcome, detail: serde_json::Value) {
     match crate::tools::record_cli_change(
         &config.data_dir,
         action,

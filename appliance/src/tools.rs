@@ -117,28 +117,17 @@ pub fn restore(data_dir: &Path, from: &Path) -> Result<RestoreReport, ToolError>
     let lock = DataDirLock::acquire(data_dir)?;
     let report = store::restore(from, &store_path(data_dir))?;
     // The restored store gets a record of its own restoration.
-    let store = Store::open(&report.restored)?;
-    let now = unix_ms(SystemTime::now());
     let detail = json!({
         "from": report.from.display().to_string(),
         "previous_kept_as": report.previous_kept_as.as_ref().map(|p| p.display().to_string()),
     });
-    store.write_blocking(|tx| {
-        audit::record(
-            tx,
-            &audit::Entry {
-                actor: cli_actor(),
-                role: None,
-                action: "store.restore".into(),
-                target: Some(report.restored.display().to_string()),
-                outcome: Outcome::Ok,
-                request_id: None,
-                detail,
-            },
-            now,
-        )
-    })?;
-    store.close()?;
+    record_cli_change(
+        data_dir,
+        "store.restore",
+        Some(report.restored.display().to_string()),
+        Outcome::Ok,
+        detail,
+    )?;
     drop(lock);
     Ok(report)
 }

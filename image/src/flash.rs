@@ -13,10 +13,10 @@
 //! with direct I/O while a second thread reads back and hashes what was just written, so
 //! verifying overlaps writing; see [`write_and_verify`].
 
-use std::fs::File;
+use std::fs::{File, Permissions};
 use std::io;
 use std::num::NonZeroU64;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -255,17 +255,17 @@ impl Output {
         staged
             .persist(&target)
             .map_err(|e| io_err(what())(e.error))?;
-        if let Some(dir) = target.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(what()))?;
-        }
-        Ok(())
+        File::open(directory_of(&target))
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(what()))
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     }
 }
 
@@ -278,19 +278,13 @@ pub fn open_target(target: &Target, image_size: u64) -> Result<Output, FlashErro
     match target.kind {
         TargetKind::File => {
             let path = std::fs::canonicalize(&target.path).unwrap_or_else(|_| target.path.clone());
-            let dir = match path.parent() {
-                Some(dir) if !dir.as_os_str().is_empty() => dir,
-                _ => Path::new("."),
-            };
             let name = path.file_name().unwrap_or_default().to_string_lossy();
-            let mode = std::fs::metadata(&path).map_or(0o644, |m| {
-                use std::os::unix::fs::PermissionsExt;
-                m.permissions().mode() & 0o7777
-            });
+            let permissions = std::fs::metadata(&path)
+                .map_or_else(|_| Permissions::from_mode(0o644), |m| m.permissions());
             let staged = tempfile::Builder::new()
                 .prefix(&format!(".{name}.atlasmesh-"))
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
-                .tempfile_in(dir)
+                .permissions(permissions)
+                .tempfile_in(directory_of(&path))
                 .map_err(io_err(what()))?;
             staged
                 .as_file()

@@ -135,6 +135,14 @@ pub fn run(cmd: &mut Command) -> Result<(ExitStatus, String, String)> {
     ))
 }
 
+/// The writing end of a pipe whose reader has gone, for a command's stdout: what
+/// `atlasmesh ... | head -1` becomes once head has exited. Every write to it fails with EPIPE.
+pub fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    writer
+}
+
 /// A running `atlasmesh depot` (or `cloud`) process.
 pub struct Server {
     child: Option<Child>,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use atlasmesh_tests::{Options, Server, atlasmesh, http, mint_token, panel_login, run};
+use atlasmesh_tests::{
+    Options, Server, atlasmesh, closed_pipe, http, mint_token, panel_login, run,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -919,15 +921,11 @@ fn first_start_creates_an_admin_with_a_private_password_file() {
 fn output_to_a_closed_pipe_or_a_full_disk_is_handled_without_a_panic() {
     // The reader has gone (`atlasmesh depot --print-config | head -1` once head exits):
     // quiet exit with 128 + SIGPIPE, as a shell shows for coreutils.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    let out = atlasmesh()
+    let (status, _, stderr) = run(atlasmesh()
         .args(["depot", "--print-config"])
-        .stdout(writer)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(141), "{stderr}");
+        .stdout(closed_pipe()))
+    .unwrap();
+    assert_eq!(status.code(), Some(141), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 
     // Output lost to a full disk is an error, not a success.
@@ -935,13 +933,9 @@ fn output_to_a_closed_pipe_or_a_full_disk_is_handled_without_a_panic() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let out = atlasmesh()
-        .args(["depot", "--print-config"])
-        .stdout(full)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (status, _, stderr) =
+        run(atlasmesh().args(["depot", "--print-config"]).stdout(full)).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("writing to standard output") && stderr.contains("No space left"),
         "{stderr}"

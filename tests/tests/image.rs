@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use atlasmesh_tests::ota::{Fleet, s};
-use atlasmesh_tests::{Options, Server, atlasmesh, http, mint_token, run};
+use atlasmesh_tests::{Options, Server, atlasmesh, closed_pipe, http, mint_token, run};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -103,20 +103,24 @@ impl Built {
         (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap())
     }
 
+    /// `atlasmesh image flash` of `image` onto `device`, trusting this fleet's root.
+    fn flash_command(&self, image: &Path, device: &Path) -> std::process::Command {
+        let mut cmd = atlasmesh();
+        cmd.args([
+            "image",
+            "flash",
+            "--image",
+            s(image),
+            "--device",
+            s(device),
+            "--root",
+        ])
+        .arg(self.fleet.root());
+        cmd
+    }
+
     fn flash(&self, image: &Path, device: &Path, extra: &[&str]) -> (bool, String, String) {
-        let (status, stdout, stderr) = run(atlasmesh()
-            .args([
-                "image",
-                "flash",
-                "--image",
-                s(image),
-                "--device",
-                s(device),
-                "--root",
-            ])
-            .arg(self.fleet.root())
-            .args(extra))
-        .unwrap();
+        let (status, stdout, stderr) = run(self.flash_command(image, device).args(extra)).unwrap();
         (status.success(), stdout, stderr)
     }
 }
@@ -321,25 +325,12 @@ fn bmaptool_with_our_bmap_writes_what_our_flash_writes() {
 
     // A flash whose output nobody reads any more (`... | head -1`) still writes and verifies
     // the whole image, then exits quietly as SIGPIPE would, instead of panicking.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
     let unread = built.path("unread.img");
-    let out = atlasmesh()
-        .args([
-            "image",
-            "flash",
-            "--image",
-            s(&built.image),
-            "--device",
-            s(&unread),
-        ])
-        .arg("--root")
-        .arg(built.fleet.root())
-        .stdout(writer)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    let (status, _, stderr) = run(built
+        .flash_command(&built.image, &unread)
+        .stdout(closed_pipe()))
+    .unwrap();
+    assert_eq!(status.code(), Some(141), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
     assert_eq!(sha256_file(&unread), hash);
 
