@@ -186,12 +186,18 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
         human_bytes(w.bytes_written),
         human_bytes(report.image_size)
     )?;
-    crate::outln!(
-        "  speed    {:.1} MB/s (checked in {:.2} s, then written, synced and verified in {:.2} s)",
-        w.speed() / 1e6,
-        report.checked_in.as_secs_f64(),
-        w.elapsed.as_secs_f64()
-    )?;
+    let phases = match report.checked_in {
+        Some(checked) => format!(
+            "checked in {:.2} s, then written, synced and verified in {:.2} s",
+            checked.as_secs_f64(),
+            w.elapsed.as_secs_f64()
+        ),
+        None => format!(
+            "checked while written, synced and verified in {:.2} s",
+            w.elapsed.as_secs_f64()
+        ),
+    };
+    crate::outln!("  speed    {:.1} MB/s ({phases})", w.speed() / 1e6)?;
     crate::outln!(
         "  serial   {}",
         report.target.serial.as_deref().unwrap_or("(none reported)")

@@ -421,6 +421,13 @@ fn tampered_image_bmap_or_manifest_is_refused_before_writing() {
             original,
             "{what}: the target was written"
         );
+        // Nor is a staged replacement left beside it.
+        let staged: Vec<_> = std::fs::read_dir(target.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".atlasmesh-"))
+            .collect();
+        assert!(staged.is_empty(), "{what}: left behind {staged:?}");
     };
     std::fs::write(&target, &original).unwrap();
 

@@ -18,8 +18,9 @@
 //!
 //! `dd if=IMG of=TARGET bs=4M conv=fsync` is how images are commonly flashed without a bmap.
 //!
-//! Run: `cargo build --release --workspace --bins && target/release/bench-image`. Prints
-//! Markdown for docs/benchmarks.md; progress goes to stderr.
+//! Run: `cargo build --release --workspace --bins && target/release/bench-image [block] [file]`
+//! (both targets unless named). Prints Markdown for docs/benchmarks.md; progress goes to
+//! stderr.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,10 +82,18 @@ fn main() -> Result<()> {
     let bmap = PathBuf::from(format!("{}.bmap", image.display()));
     let root = fleet.root();
 
-    let mut targets: Vec<(&str, Target)> = vec![("file", Target::File(dir.join("target.img")))];
-    match LoopTarget::new(&dir.join("disk.img"), size) {
-        Ok(dev) => targets.insert(0, ("block (loop)", Target::Block(dev))),
-        Err(e) => eprintln!("note: no block-device target: {e:#}"),
+    // Arguments, if any, pick targets: `block`, `file`.
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    let wants = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    let mut targets: Vec<(&str, Target)> = Vec::new();
+    if wants("block") {
+        match LoopTarget::new(&dir.join("disk.img"), size) {
+            Ok(dev) => targets.push(("block (loop)", Target::Block(dev))),
+            Err(e) => eprintln!("note: no block-device target: {e:#}"),
+        }
+    }
+    if wants("file") {
+        targets.push(("file", Target::File(dir.join("target.img"))));
     }
 
     let tools: [(&str, &CommandFor<'_>); 3] = [
@@ -153,7 +162,7 @@ fn main() -> Result<()> {
                 // verified in …"); kept in the log to show where the time goes.
                 let phases = String::from_utf8_lossy(&out.stdout)
                     .lines()
-                    .find(|l| l.contains("checked in"))
+                    .find(|l| l.contains("verified in"))
                     .map(|l| format!(" ({})", l.trim()))
                     .unwrap_or_default();
                 eprintln!(
