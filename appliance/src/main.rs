@@ -86,7 +86,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 token.id,
                 token.role
             );
-            atlasmesh::outln!("{secret}")?;
+            if let Err(lost) = atlasmesh::outln!("{secret}") {
+                // Nobody saw the secret: a live token nobody holds would only be a risk.
+                tools::token_revoke_unseen(&config.data_dir, &token, &lost.to_string())?;
+                atlasmesh::errln!(
+                    "revoked API token {:?} (id {}) again: its secret could not be shown",
+                    token.name,
+                    token.id
+                );
+                return Err(lost.into());
+            }
             Ok(0)
         }
         Command::Backup(args) => {

@@ -73,6 +73,34 @@ pub fn token_create(
     Ok(created)
 }
 
+/// Revokes a token minted by [`token_create`] whose secret never reached anyone (standard
+/// output was closed or full), so no live token is left that nobody holds. Audited as
+/// `token.revoke` with the reason.
+pub fn token_revoke_unseen(data_dir: &Path, token: &ApiToken, why: &str) -> Result<(), ToolError> {
+    let store = open_existing(data_dir)?;
+    let actor = cli_actor();
+    let now = unix_ms(SystemTime::now());
+    store.write_blocking(|tx| -> Result<_, ToolError> {
+        auth::revoke_token(tx, token.id, now)?;
+        audit::record(
+            tx,
+            &audit::Entry {
+                actor: actor.clone(),
+                role: None,
+                action: "token.revoke".into(),
+                target: Some(token.id.to_string()),
+                outcome: Outcome::Ok,
+                request_id: None,
+                detail: json!({"name": token.name, "reason": why}),
+            },
+            now,
+        )?;
+        Ok(())
+    })?;
+    store.close()?;
+    Ok(())
+}
+
 /// Writes one audit record, by `cli:<user>`, for a change made on the command line outside the
 /// API (the depot may be running: the store takes concurrent writers). `Ok(false)` when the
 /// data directory has no store yet (an appliance whose depot never started): no trail exists

@@ -226,6 +226,49 @@ fn api_needs_a_token_and_the_right_role() {
             .status(),
         StatusCode::UNAUTHORIZED
     );
+
+    // A token whose secret could not be printed (a full disk, a reader that has gone) is
+    // revoked again, so no live token is left that nobody holds.
+    let full = std::fs::File::options()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mint = |name: &str| {
+        let mut cmd = atlasmesh();
+        cmd.args(["token", "create", "--data-dir"])
+            .arg(&depot.data_dir)
+            .args(["--role", "admin", "--name", name]);
+        cmd
+    };
+    let (status, _, stderr) = run(mint("unseen-full").stdout(full)).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(
+        stderr.contains("revoked API token \"unseen-full\""),
+        "{stderr}"
+    );
+    let (status, _, stderr) = run(mint("unseen-pipe").stdout(closed_pipe())).unwrap();
+    assert_eq!(status.code(), Some(141), "{stderr}");
+    assert!(
+        stderr.contains("revoked API token \"unseen-pipe\""),
+        "{stderr}"
+    );
+    let tokens = json_of(
+        client
+            .get(depot.url("/api/v1/tokens"))
+            .bearer_auth(&admin)
+            .send()
+            .unwrap(),
+    );
+    for name in ["unseen-full", "unseen-pipe"] {
+        let token = tokens["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} was not created: {tokens}"));
+        assert_eq!(token["revoked"], true, "{token}");
+    }
 }
 
 #[test]
