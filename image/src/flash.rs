@@ -8,11 +8,11 @@
 //! back from the target itself (never from the page cache) and checked against the bmap.
 //!
 //! - A **block device** is written only after the whole image passed its check
-//!   ([`check_image`]), with direct I/O while a second thread reads back and hashes what was
-//!   just written, so verifying overlaps writing; see [`write_and_verify`].
+//!   ([`check_image`]), with direct I/O while a second thread reads back and compares what
+//!   was just written, so verifying overlaps writing; see `write_and_verify`.
 //! - A **regular file** target is written into a new file beside it, which replaces it only
 //!   after everything passed (see [`Output`]), so the image can be checked while that file is
-//!   written and is read and hashed once; see [`write_file`].
+//!   written and is read and hashed once; see `write_file`.
 //!
 //! Both cores work: the image is hashed by two threads, each taking about half of its bytes.
 
@@ -442,7 +442,7 @@ fn go_direct(out: &File, target: &Target, bmap: &Bmap) -> Option<File> {
 ///
 /// Without `readback` (an image whose ranges are not aligned for direct I/O) the ranges are
 /// written through the page cache, synced, and read back with [`verify_cold`].
-pub fn write_and_verify(
+fn write_and_verify(
     checked: &Checked,
     out: &File,
     readback: Option<&File>,
@@ -613,7 +613,7 @@ pub fn write_and_verify(
 /// (on ext4 a direct read holds the inode's lock, which every buffered write needs, and it
 /// took longer than writing and reading back one after the other), or while the final sync
 /// runs; starting writeback of each piece as soon as it is written.
-pub fn write_file(
+fn write_file(
     checked: &Checked,
     out: &File,
     target: &Path,
@@ -731,7 +731,7 @@ fn verify_cold(
 pub struct FlashReport {
     pub target: Target,
     /// Time spent checking the image's mapped blocks before writing; `None` for a file
-    /// target, whose image is checked while it is written (see [`write_file`]).
+    /// target, whose image is checked while it is written (see the module docs).
     pub checked_in: Option<Duration>,
     pub write: WriteReport,
     pub image_sha256: String,
