@@ -35,6 +35,25 @@ fn cli_actor() -> String {
     )
 }
 
+/// An audit record of a change made from the command line (by [`cli_actor`], no role or
+/// request id: there was no API request).
+fn cli_entry(
+    action: &str,
+    target: Option<String>,
+    outcome: Outcome,
+    detail: serde_json::Value,
+) -> audit::Entry {
+    audit::Entry {
+        actor: cli_actor(),
+        role: None,
+        action: action.into(),
+        target,
+        outcome,
+        request_id: None,
+        detail,
+    }
+}
+
 fn open_existing(data_dir: &Path) -> Result<Store, ToolError> {
     let path = store_path(data_dir);
     if !path.is_file() {
@@ -54,19 +73,13 @@ pub fn token_create(
     let now = unix_ms(SystemTime::now());
     let created = store.write_blocking(|tx| -> Result<_, ToolError> {
         let (token, secret) = auth::create_token(tx, name, role, &actor, now)?;
-        audit::record(
-            tx,
-            &audit::Entry {
-                actor: actor.clone(),
-                role: None,
-                action: "token.create".into(),
-                target: Some(token.name.clone()),
-                outcome: Outcome::Ok,
-                request_id: None,
-                detail: json!({"token_id": token.id, "role": role}),
-            },
-            now,
-        )?;
+        let entry = cli_entry(
+            "token.create",
+            Some(token.name.clone()),
+            Outcome::Ok,
+            json!({"token_id": token.id, "role": role}),
+        );
+        audit::record(tx, &entry, now)?;
         Ok((token, secret))
     })?;
     store.close()?;
@@ -78,23 +91,16 @@ pub fn token_create(
 /// `token.revoke` with the reason.
 pub fn token_revoke_unseen(data_dir: &Path, token: &ApiToken, why: &str) -> Result<(), ToolError> {
     let store = open_existing(data_dir)?;
-    let actor = cli_actor();
+    let entry = cli_entry(
+        "token.revoke",
+        Some(token.id.to_string()),
+        Outcome::Ok,
+        json!({"name": token.name, "reason": why}),
+    );
     let now = unix_ms(SystemTime::now());
     store.write_blocking(|tx| -> Result<_, ToolError> {
         auth::revoke_token(tx, token.id, now)?;
-        audit::record(
-            tx,
-            &audit::Entry {
-                actor: actor.clone(),
-                role: None,
-                action: "token.revoke".into(),
-                target: Some(token.id.to_string()),
-                outcome: Outcome::Ok,
-                request_id: None,
-                detail: json!({"name": token.name, "reason": why}),
-            },
-            now,
-        )?;
+        audit::record(tx, &entry, now)?;
         Ok(())
     })?;
     store.close()?;
@@ -117,15 +123,7 @@ pub fn record_cli_change(
         Err(ToolError::NoStore(_)) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let entry = audit::Entry {
-        actor: cli_actor(),
-        role: None,
-        action: action.into(),
-        target,
-        outcome,
-        request_id: None,
-        detail,
-    };
+    let entry = cli_entry(action, target, outcome, detail);
     let now = unix_ms(SystemTime::now());
     store.write_blocking(|tx| audit::record(tx, &entry, now))?;
     store.close()?;

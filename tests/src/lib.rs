@@ -378,12 +378,18 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-/// `atlasmesh token create --data-dir DIR --role ROLE --name NAME`; returns the printed token.
-pub fn mint_token(data_dir: &Path, role: &str, name: &str) -> Result<String> {
-    let (status, stdout, stderr) = run(atlasmesh()
-        .args(["token", "create", "--data-dir"])
+/// The command `atlasmesh token create --data-dir DIR --role ROLE --name NAME`.
+pub fn mint_token_command(data_dir: &Path, role: &str, name: &str) -> Command {
+    let mut cmd = atlasmesh();
+    cmd.args(["token", "create", "--data-dir"])
         .arg(data_dir)
-        .args(["--role", role, "--name", name]))?;
+        .args(["--role", role, "--name", name]);
+    cmd
+}
+
+/// Runs [`mint_token_command`]; returns the printed token.
+pub fn mint_token(data_dir: &Path, role: &str, name: &str) -> Result<String> {
+    let (status, stdout, stderr) = run(&mut mint_token_command(data_dir, role, name))?;
     if !status.success() {
         bail!("token create failed: {stderr}");
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use atlasmesh_tests::{
-    Options, Server, atlasmesh, closed_pipe, http, mint_token, panel_login, run,
+    Options, Server, atlasmesh, closed_pipe, http, mint_token, mint_token_command, panel_login, run,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -195,22 +195,26 @@ fn api_needs_a_token_and_the_right_role() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::CONFLICT);
 
+    // The token named `name` in the depot's list.
+    let token_named = |name: &str| -> Value {
+        let tokens = json_of(
+            client
+                .get(depot.url("/api/v1/tokens"))
+                .bearer_auth(&admin)
+                .send()
+                .unwrap(),
+        );
+        tokens["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no token {name}: {tokens}"))
+            .clone()
+    };
+
     // A revoked token stops working at once.
-    let tokens = json_of(
-        client
-            .get(depot.url("/api/v1/tokens"))
-            .bearer_auth(&admin)
-            .send()
-            .unwrap(),
-    );
-    let viewer_id = tokens["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "test-viewer")
-        .unwrap()["id"]
-        .as_i64()
-        .unwrap();
+    let viewer_id = token_named("test-viewer")["id"].as_i64().unwrap();
     let response = client
         .delete(depot.url(&format!("/api/v1/tokens/{viewer_id}")))
         .bearer_auth(&admin)
@@ -233,13 +237,7 @@ fn api_needs_a_token_and_the_right_role() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let mint = |name: &str| {
-        let mut cmd = atlasmesh();
-        cmd.args(["token", "create", "--data-dir"])
-            .arg(&depot.data_dir)
-            .args(["--role", "admin", "--name", name]);
-        cmd
-    };
+    let mint = |name: &str| mint_token_command(&depot.data_dir, "admin", name);
     let (status, _, stderr) = run(mint("unseen-full").stdout(full)).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("No space left"), "{stderr}");
@@ -253,20 +251,8 @@ fn api_needs_a_token_and_the_right_role() {
         stderr.contains("revoked API token \"unseen-pipe\""),
         "{stderr}"
     );
-    let tokens = json_of(
-        client
-            .get(depot.url("/api/v1/tokens"))
-            .bearer_auth(&admin)
-            .send()
-            .unwrap(),
-    );
     for name in ["unseen-full", "unseen-pipe"] {
-        let token = tokens["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == name)
-            .unwrap_or_else(|| panic!("{name} was not created: {tokens}"));
+        let token = token_named(name);
         assert_eq!(token["revoked"], true, "{token}");
     }
 }
