@@ -193,7 +193,7 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
             w.elapsed.as_secs_f64()
         ),
         None => format!(
-            "checked while written, synced and verified in {:.2} s",
+            "written, checked while syncing and verified in {:.2} s",
             w.elapsed.as_secs_f64()
         ),
     };
