@@ -330,6 +330,33 @@ struct Piece {
     last: bool,
 }
 
+impl Piece {
+    /// Adds `bytes`, this piece's, to its range's running SHA-256; at the range's last piece,
+    /// checks the hash against the bmap (and starts `sha` afresh for the next range).
+    fn hash(&self, sha: &mut Sha256, bytes: &[u8], checked: &Checked) -> Result<(), FlashError> {
+        sha.update(bytes);
+        let range = &checked.bmap.ranges[self.range];
+        if self.last && hex::encode(sha.finalize_reset()) != range.sha256 {
+            return Err(FlashError::ImageChecksum {
+                path: checked.image.clone(),
+                first: range.first,
+                last: range.last,
+            });
+        }
+        Ok(())
+    }
+
+    /// The error for this piece's range when what was read back from `target` differs.
+    fn verify_failed(&self, bmap: &Bmap, target: &Path) -> FlashError {
+        let range = &bmap.ranges[self.range];
+        FlashError::Verify {
+            target: target.to_owned(),
+            first: range.first,
+            last: range.last,
+        }
+    }
+}
+
 fn pieces(bmap: &Bmap) -> Vec<Piece> {
     let mut pieces = Vec::new();
     for (range, r) in bmap.ranges.iter().enumerate() {
@@ -463,11 +490,6 @@ fn write_and_verify(
         },
         bmap.mapped_bytes(),
     );
-    let verify_failed = |piece: &Piece| FlashError::Verify {
-        target: target.to_owned(),
-        first: bmap.ranges[piece.range].first,
-        last: bmap.ranges[piece.range].last,
-    };
 
     // Buffers circulate: reader → writer (filled) → verifier (written) → reader (empty), so
     // memory stays bounded.
@@ -496,15 +518,7 @@ fn write_and_verify(
                 image
                     .read_exact_at(buf.bytes_mut(), piece.offset)
                     .map_err(io_err(format!("reading {}", checked.image.display())))?;
-                hasher.update(buf.bytes());
-                let range = &bmap.ranges[piece.range];
-                if piece.last && hex::encode(hasher.finalize_reset()) != range.sha256 {
-                    return Err(FlashError::ImageChecksum {
-                        path: checked.image.clone(),
-                        first: range.first,
-                        last: range.last,
-                    });
-                }
+                piece.hash(&mut hasher, buf.bytes(), checked)?;
                 if sample {
                     samples.push(buf.bytes()[..piece.len.min(DIRECT_ALIGN)].to_vec());
                 }
@@ -539,7 +553,7 @@ fn write_and_verify(
                         .read_exact_at(back.bytes_mut(), piece.offset)
                         .map_err(io_err(format!("reading back {}", target.display())))?;
                     if back.bytes() != buf.bytes() {
-                        return Err(verify_failed(piece));
+                        return Err(piece.verify_failed(bmap, target));
                     }
                     progress.advance(piece.len as u64);
                     let _ = empty_tx.send(buf);
@@ -587,7 +601,7 @@ fn write_and_verify(
                 .read_exact_at(block.bytes_mut(), piece.offset)
                 .map_err(io_err(format!("reading back {}", target.display())))?;
             if block.bytes()[..sample.len()] != sample[..] {
-                return Err(verify_failed(piece));
+                return Err(piece.verify_failed(bmap, target));
             }
         }
     } else {
@@ -720,7 +734,6 @@ fn check_written(
     shares: &[Vec<Piece>; 2],
     progress: &dyn Progress,
 ) -> Result<[Vec<u128>; 2], FlashError> {
-    let bmap = &checked.bmap;
     let mut buf = vec![0u8; CHUNK];
     let mut sha = Sha256::new();
     let mut digests: [Vec<u128>; 2] = Default::default();
@@ -729,17 +742,9 @@ fn check_written(
             let buf = &mut buf[..piece.len];
             out.read_exact_at(buf, piece.offset)
                 .map_err(io_err(format!("reading {}", target.display())))?;
-            sha.update(&buf[..]);
             digests.push(xxh3_128(buf));
             progress.advance(piece.len as u64);
-            let range = &bmap.ranges[piece.range];
-            if piece.last && hex::encode(sha.finalize_reset()) != range.sha256 {
-                return Err(FlashError::ImageChecksum {
-                    path: checked.image.clone(),
-                    first: range.first,
-                    last: range.last,
-                });
-            }
+            piece.hash(&mut sha, buf, checked)?;
         }
     }
     Ok(digests)
@@ -767,11 +772,7 @@ fn verify_pieces(
             out.read_exact_at(buf, piece.offset)
                 .map_err(io_err(format!("reading back {}", target.display())))?;
             if xxh3_128(buf) != *digest {
-                return Err(FlashError::Verify {
-                    target: target.to_owned(),
-                    first: bmap.ranges[piece.range].first,
-                    last: bmap.ranges[piece.range].last,
-                });
+                return Err(piece.verify_failed(bmap, target));
             }
             progress.advance(piece.len as u64);
         }
