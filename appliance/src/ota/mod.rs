@@ -45,6 +45,9 @@ use crate::http::PanelEvent;
 use crate::store::{Store, StoreError, meta_get, meta_set, unix_ms};
 use db::ImageRow;
 
+/// Held while an image is staged (or the mirrored metadata refreshed): one at a time.
+type StagingGuard = tokio::sync::OwnedMutexGuard<()>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OtaError {
     #[error(transparent)]
@@ -376,7 +379,7 @@ impl Ota {
                         continue;
                     }
                 };
-                let _guard = self.staging_lock.clone().lock_owned().await;
+                let guard = self.staging_lock.clone().lock_owned().await;
                 let actor = Actor {
                     name: job.started_by,
                     role: None,
@@ -392,7 +395,7 @@ impl Ota {
                 )
                 .await;
                 let _ = self
-                    .run_job(job.id, Source::Url(url), hardware, version, actor)
+                    .run_job(job.id, Source::Url(url), hardware, version, actor, guard)
                     .await;
             }
         });
@@ -454,7 +457,7 @@ impl Ota {
     }
 
     /// The staging lock, owned so a background job keeps it beyond the request that started it.
-    fn try_staging_lock(&self) -> Result<tokio::sync::OwnedMutexGuard<()>, OtaError> {
+    fn try_staging_lock(&self) -> Result<StagingGuard, OtaError> {
         self.staging_lock
             .clone()
             .try_lock_owned()
@@ -610,8 +613,9 @@ impl Ota {
             .await?;
         let this = self.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            let _ = this.run_job(job, source, hardware, version, actor).await;
+            let _ = this
+                .run_job(job, source, hardware, version, actor, guard)
+                .await;
         });
         Ok(job)
     }
@@ -624,11 +628,12 @@ impl Ota {
         version: String,
         actor: Actor,
     ) -> Result<ImageRow, OtaError> {
-        let _guard = self.try_staging_lock()?;
+        let guard = self.try_staging_lock()?;
         let job = self
             .record_job(&source, &hardware, &version, &actor)
             .await?;
-        self.run_job(job, source, hardware, version, actor).await
+        self.run_job(job, source, hardware, version, actor, guard)
+            .await
     }
 
     async fn record_job(
@@ -659,6 +664,7 @@ impl Ota {
         hardware: String,
         version: String,
         actor: Actor,
+        staging_lock: StagingGuard,
     ) -> Result<ImageRow, OtaError> {
         let described = source.describe();
         let (done, stop) = self.begin_job(job, described.clone(), None);
@@ -801,6 +807,7 @@ impl Ota {
             done.load(Ordering::Relaxed),
             result,
             &actor,
+            staging_lock,
         )
         .await
     }
@@ -833,7 +840,7 @@ impl Ota {
         wanted: Option<(String, String)>,
         actor: Actor,
     ) -> Result<(i64, ImageRow), (Option<i64>, OtaError)> {
-        let _guard = self.try_staging_lock().map_err(|e| (None, e))?;
+        let guard = self.try_staging_lock().map_err(|e| (None, e))?;
         let now = unix_ms(self.clock.now());
         let by = actor.name.clone();
         let job = self
@@ -902,6 +909,7 @@ impl Ota {
             done.load(Ordering::Relaxed),
             result,
             &actor,
+            guard,
         )
         .await
         .map(|image| (job, image))
@@ -982,6 +990,9 @@ impl Ota {
     }
 
     /// Records the end of a job (and a failed attempt's audit record) and tells the panel.
+    ///
+    /// The staging lock is let go before the end is recorded: a client that sees the job
+    /// finished may start the next one at once, and must not be told the depot is busy.
     #[allow(clippy::too_many_arguments)]
     async fn conclude(
         &self,
@@ -992,7 +1003,9 @@ impl Ota {
         bytes_done: u64,
         result: Result<ImageRow, OtaError>,
         actor: &Actor,
+        staging_lock: StagingGuard,
     ) -> Result<ImageRow, OtaError> {
+        drop(staging_lock);
         let now = unix_ms(self.clock.now());
         let label = match &result {
             Ok(_) => "staged",
