@@ -93,10 +93,10 @@ pub fn spawn(
                 (Outcome::Ok, serde_json::json!({"slot": slot.letter()}))
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "could not mark the boot slot good; the next boot falls back to the previous slot");
+                tracing::error!(error = %crate::stdio::causes(e.as_ref()), "could not mark the boot slot good; the next boot falls back to the previous slot");
                 (
                     Outcome::Failed,
-                    serde_json::json!({"error": format!("{e:#}")}),
+                    serde_json::json!({"error": crate::stdio::causes(e.as_ref())}),
                 )
             }
             Err(e) => {

@@ -23,7 +23,10 @@ fn main() -> ExitCode {
         // read a message; exit as a shell shows a process stopped by SIGPIPE.
         Err(err) if atlasmesh::stdio::is_broken_pipe(&err) => ExitCode::from(141),
         Err(err) => {
-            atlasmesh::errln!("atlasmesh: error: {err:#}");
+            atlasmesh::errln!(
+                "atlasmesh: error: {}",
+                atlasmesh::stdio::causes(err.as_ref())
+            );
             // Configuration mistakes are usage errors, like clap's own (exit 2).
             if err.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(2)

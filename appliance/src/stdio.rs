@@ -74,3 +74,45 @@ macro_rules! errln {
 macro_rules! err {
     ($($arg:tt)*) => { $crate::stdio::err(format_args!($($arg)*)) };
 }
+
+/// `err` and its causes joined by `: `, as anyhow's `{:#}` shows them, but each said once.
+/// Our library errors name their cause in their own message, so that they read whole when
+/// shown alone; `{:#}` then repeats it ("writing /dev/sdb: No space left on device (os error
+/// 28): No space left on device (os error 28)").
+pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::causes;
+    use std::io;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("writing /dev/sdb: {source}")]
+    struct Write {
+        source: io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once_and_others_are_added() {
+        let full = io::Error::new(io::ErrorKind::StorageFull, "No space left on device");
+        let err = anyhow::Error::new(Write { source: full }).context("flashing depot.img");
+        assert_eq!(
+            causes(err.as_ref()),
+            "flashing depot.img: writing /dev/sdb: No space left on device"
+        );
+        // What anyhow alone shows, for contrast: the cause twice.
+        assert!(format!("{err:#}").ends_with("device: No space left on device"));
+    }
+}
