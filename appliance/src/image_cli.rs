@@ -206,6 +206,12 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
         "  image    sha256 {} (signed manifest)",
         report.image_sha256
     )?;
+    for path in &report.abandoned {
+        crate::outln!(
+            "  removed  {} (left by a flash that was stopped)",
+            path.display()
+        )?;
+    }
     Ok(0)
 }
 
@@ -221,7 +227,7 @@ fn install(args: ImageInstallArgs) -> anyhow::Result<u8> {
         ),
         Err(e) => (
             Outcome::Failed,
-            json!({"bundle": bundle, "error": format!("{e:#}")}),
+            json!({"bundle": bundle, "error": crate::stdio::causes(e.as_ref())}),
         ),
     };
     audit_change(&config, "image.install", outcome, detail);
@@ -296,7 +302,7 @@ fn mark_good(args: ImageSlotArgs) -> anyhow::Result<u8> {
             &config,
             "image.mark_good",
             Outcome::Failed,
-            json!({"error": format!("{e:#}")}),
+            json!({"error": crate::stdio::causes(e.as_ref())}),
         ),
     }
     match result? {
@@ -330,7 +336,10 @@ fn audit_change(config: &Config, action: &str, outcome: Outcome, detail: serde_j
             config.data_dir.display()
         ),
         Err(e) => {
-            crate::errln!("warning: could not write the audit record for this {action}: {e:#}")
+            crate::errln!(
+                "warning: could not write the audit record for this {action}: {}",
+                crate::stdio::causes(&e)
+            )
         }
     }
 }

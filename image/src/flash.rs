@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::bmap::{Bmap, BmapError};
+use crate::bmap::{Bmap, BmapError, human_bytes};
 use crate::build::read_small;
 use crate::device::{DeviceError, SystemView, Target, TargetKind};
 use crate::manifest::{ManifestBody, ManifestError, Trust};
@@ -75,6 +75,12 @@ pub enum FlashError {
     Device(#[from] DeviceError),
     #[error("not confirmed: {0}")]
     NotConfirmed(String),
+    #[error(
+        "refusing {path}: its file system has {free} free, and the image's mapped blocks need {need}",
+        free = human_bytes(*.free),
+        need = human_bytes(*.need)
+    )]
+    NoSpace { path: PathBuf, free: u64, need: u64 },
     #[error(
         "verification failed: blocks {first}-{last} read back from {target} differ from the image (bad medium or a disk that drops writes)"
     )]
@@ -243,9 +249,12 @@ pub enum Output {
     /// A regular file target is written into a new file beside it, which replaces it (a
     /// rename) only once written, synced and read back. A flash that fails or is killed half
     /// way leaves the old file as it was, never a file that is half one image and half another.
+    /// (A killed flash cannot remove its staged file; the next flash onto the same target
+    /// does, and names it in `abandoned`.)
     File {
         staged: tempfile::NamedTempFile,
         target: PathBuf,
+        abandoned: Vec<PathBuf>,
     },
 }
 
@@ -260,7 +269,7 @@ impl Output {
     /// Puts a written and verified file in place of the target, durably (the directory is
     /// synced too). Nothing to do for a device.
     pub fn commit(self) -> Result<(), FlashError> {
-        let Output::File { staged, target } = self else {
+        let Output::File { staged, target, .. } = self else {
             return Ok(());
         };
         let what = || format!("replacing {}", target.display());
@@ -271,6 +280,27 @@ impl Output {
             .and_then(|d| d.sync_all())
             .map_err(io_err(what()))
     }
+}
+
+/// Removes the files in `dir` named `prefix…` that no process holds a `flock` on: staged
+/// files of flashes that were killed. Returns the paths removed.
+fn remove_abandoned(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    use rustix::fs::{FlockOperation, flock};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| {
+            let path = e.path();
+            let file = File::open(&path).ok()?;
+            flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
+            std::fs::remove_file(&path).ok()?;
+            Some(path)
+        })
+        .collect()
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -285,26 +315,48 @@ fn directory_of(path: &Path) -> &Path {
 /// file in the same directory (hidden, named `.NAME.atlasmesh-…`) with the image's size, so
 /// its holes read as zeros, and the old file's permissions (0644 for a new one). A symbolic
 /// link is followed: the file it points to is the one replaced.
-pub fn open_target(target: &Target, image_size: u64) -> Result<Output, FlashError> {
+///
+/// A file target is refused when its file system has less room than the image's mapped
+/// blocks (the replacement is sparse, and the old file stays until it is replaced): better
+/// said at once than found out halfway by a write failing with `ENOSPC`.
+///
+/// A staged file holds an exclusive `flock` for as long as its flash runs, however that
+/// ends; staged files of the same target that nobody holds were left by a flash that was
+/// killed, and are removed first (see [`Output::File`]).
+pub fn open_target(target: &Target, bmap: &Bmap) -> Result<Output, FlashError> {
+    use rustix::fs::{FlockOperation, flock};
     let what = || format!("opening {} for writing", target.path.display());
     match target.kind {
         TargetKind::File => {
             let path = std::fs::canonicalize(&target.path).unwrap_or_else(|_| target.path.clone());
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let dir = directory_of(&path);
+            let prefix = format!(
+                ".{}.atlasmesh-",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            );
+            let abandoned = remove_abandoned(dir, &prefix);
+            let fs = rustix::fs::statvfs(dir).map_err(|e| io_err(what())(e.into()))?;
+            let (free, need) = (fs.f_bavail.saturating_mul(fs.f_frsize), bmap.mapped_bytes());
+            if free < need {
+                return Err(FlashError::NoSpace { path, free, need });
+            }
             let permissions = std::fs::metadata(&path)
                 .map_or_else(|_| Permissions::from_mode(0o644), |m| m.permissions());
             let staged = tempfile::Builder::new()
-                .prefix(&format!(".{name}.atlasmesh-"))
+                .prefix(&prefix)
                 .permissions(permissions)
-                .tempfile_in(directory_of(&path))
+                .tempfile_in(dir)
                 .map_err(io_err(what()))?;
+            flock(staged.as_file(), FlockOperation::NonBlockingLockExclusive)
+                .map_err(|e| io_err(what())(e.into()))?;
             staged
                 .as_file()
-                .set_len(image_size)
+                .set_len(bmap.image_size)
                 .map_err(io_err(what()))?;
             Ok(Output::File {
                 staged,
                 target: path,
+                abandoned,
             })
         }
         TargetKind::BlockDevice { .. } => {
@@ -826,6 +878,8 @@ pub struct FlashReport {
     /// Time spent checking the image's mapped blocks before writing; `None` for a file
     /// target, whose written bytes are checked while they sync (see the module docs).
     pub checked_in: Option<Duration>,
+    /// Staged files left beside a file target by killed flashes, removed (see [`open_target`]).
+    pub abandoned: Vec<PathBuf>,
     pub write: WriteReport,
     pub image_sha256: String,
     pub image_size: u64,
@@ -870,20 +924,26 @@ pub fn flash(
         }
         TargetKind::File => None,
     };
-    let out = open_target(&target, checked.manifest.image_size)?;
-    let write = match &out {
+    let out = open_target(&target, &checked.bmap)?;
+    let (write, abandoned) = match &out {
         Output::Device(device) => {
             let readback = go_direct(device, &target, &checked.bmap);
-            write_and_verify(&checked, device, readback.as_ref(), &target.path, progress)?
+            let write =
+                write_and_verify(&checked, device, readback.as_ref(), &target.path, progress)?;
+            (write, Vec::new())
         }
-        Output::File { staged, .. } => {
-            write_file(&checked, staged.as_file(), &target.path, progress)?
+        Output::File {
+            staged, abandoned, ..
+        } => {
+            let write = write_file(&checked, staged.as_file(), &target.path, progress)?;
+            (write, abandoned.clone())
         }
     };
     out.commit()?;
     Ok(FlashReport {
         target,
         checked_in,
+        abandoned,
         write,
         image_sha256: checked.manifest.image_sha256.clone(),
         image_size: checked.manifest.image_size,
@@ -985,7 +1045,7 @@ mod tests {
 
         // An image whose middle range does not match the bmap: named, and the file it would
         // have replaced is as it was, with no staged file left behind.
-        let out = open_target(&target, checked.bmap.image_size).unwrap();
+        let out = open_target(&target, &checked.bmap).unwrap();
         match write_file(&wrong(&checked), out.file(), &target.path, &Quiet) {
             Err(FlashError::ImageChecksum { first, last, .. }) => {
                 assert_eq!((first, last), (256, 2856))
@@ -1002,7 +1062,7 @@ mod tests {
         assert_eq!(names, ["depot.img", "target.img"]);
 
         // Intact: written, verified, and equal to the image on every mapped byte.
-        let out = open_target(&target, checked.bmap.image_size).unwrap();
+        let out = open_target(&target, &checked.bmap).unwrap();
         let report = write_file(&checked, out.file(), &target.path, &Quiet).unwrap();
         assert_eq!(report.bytes_written, checked.bmap.mapped_bytes());
         out.commit().unwrap();
@@ -1082,7 +1142,7 @@ mod tests {
             serial: None,
         };
         // The direct path is the one under test.
-        let out = open_target(&target, checked.bmap.image_size).unwrap();
+        let out = open_target(&target, &checked.bmap).unwrap();
         let readback = go_direct(out.file(), &target, &checked.bmap).expect("direct I/O");
 
         // Intact: written, verified, and equal to the image on every mapped byte.

@@ -505,6 +505,93 @@ fn tampered_image_bmap_or_manifest_is_refused_before_writing() {
     untouched("missing manifest");
 }
 
+/// A flash onto a file that is killed leaves the old file or the new image, never a mix, and
+/// at worst its hidden staged file, which the next flash onto that target removes and names.
+/// A staged file some process still holds a lock on (a flash still running; here util-linux's
+/// `flock` holds it) is left alone.
+#[test]
+fn a_killed_flash_leaves_the_old_file_and_the_next_flash_clears_what_it_left() {
+    let built = Built::new();
+    let dir = built.path("targets");
+    std::fs::create_dir(&dir).unwrap();
+    let target = dir.join("target.img");
+    let original = pseudo_random(2 * MIB as usize, 12);
+    let (old, new) = (
+        hex::encode(Sha256::digest(&original)),
+        sha256_file(&built.image),
+    );
+    let staged = || -> Vec<PathBuf> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".target.img.atlasmesh-"))
+            .collect();
+        names.sort();
+        names
+    };
+
+    // Killed at ever later moments, from before it opens the target to after it is done.
+    let mut left = 0;
+    for delay_ms in [0, 5, 10, 20, 40, 80, 160, 320] {
+        std::fs::write(&target, &original).unwrap();
+        let mut child = built
+            .flash_command(&built.image, &target)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let now = sha256_file(&target);
+        assert!(
+            now == old || now == new,
+            "killed after {delay_ms} ms: the target is neither the old file nor the image"
+        );
+        left += staged().len();
+        // Whatever this one left, the next starts from it.
+    }
+    eprintln!("note: the killed flashes left {left} staged files");
+
+    // What a killed flash leaves for sure, and a staged file a live process holds.
+    let dead = dir.join(".target.img.atlasmesh-killed");
+    let live = dir.join(".target.img.atlasmesh-running");
+    std::fs::write(&dead, b"half an image").unwrap();
+    std::fs::write(&live, b"being written").unwrap();
+    // One process holding the lock (flock's own way forks the command, which would outlive
+    // a kill of flock).
+    let mut holder = Command::new("sh")
+        .args([
+            "-c",
+            "exec 9<>\"$0\" && flock --exclusive 9 && exec sleep 60",
+        ])
+        .arg(&live)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tool("flock", &["--nonblock", "--exclusive", s(&live), "true"]).0 {
+        assert!(Instant::now() < deadline, "flock did not take its lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let abandoned: Vec<PathBuf> = staged().into_iter().filter(|p| *p != live).collect();
+
+    let (ok, stdout, stderr) = built.flash(&built.image, &target, &[]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(ok, "{stderr}");
+    assert_eq!(sha256_file(&target), new);
+    assert_eq!(staged(), std::slice::from_ref(&live), "{stdout}");
+    for path in &abandoned {
+        assert!(
+            stdout.contains(&format!("removed  {}", path.display())),
+            "{} not named: {stdout}",
+            path.display()
+        );
+    }
+}
+
 /// The device holding `/`, if `/` is on a block device.
 fn root_device() -> Option<PathBuf> {
     let (ok, source) = tool("findmnt", &["-n", "-o", "SOURCE", "/"]);
@@ -574,6 +661,67 @@ fn the_system_disk_a_mounted_disk_and_the_image_s_disk_are_refused() {
     let (ok, _, stderr) = built.flash(&built.image, &readonly.path, &[]);
     assert!(!ok);
     assert!(stderr.contains("read-only"), "{stderr}");
+}
+
+/// A full file system and a disk that fails partway (a loop device whose backing store runs
+/// out: its writes come back as I/O errors, as a dying drive's do). A file target is refused
+/// before anything is written and stays as it was; the failing disk stops the flash with the
+/// error and the device named, not a panic and not a "flashed".
+#[test]
+fn a_full_file_system_and_a_failing_disk_stop_the_flash_with_the_reason() {
+    let built = Built::new();
+    let signed = &built.manifest_json()["signed"];
+    let (image_size, mapped) = (
+        signed["image_size"].as_u64().unwrap(),
+        signed["mapped_bytes"].as_u64().unwrap(),
+    );
+    // Room for half the mapped blocks, and for the old target.
+    let Some(small) = Mount::tmpfs(&built.path("small"), mapped / 2 + MIB) else {
+        return;
+    };
+    let target = small.0.join("target.img");
+    let original = pseudo_random(512 * 1024, 11);
+    std::fs::write(&target, &original).unwrap();
+    let (ok, stdout, stderr) = built.flash(&built.image, &target, &[]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains(&format!("refusing {}", target.display()))
+            && stderr.contains("free, and the image's mapped blocks need"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), original);
+    let left: Vec<_> = std::fs::read_dir(&small.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["target.img"],
+        "a refused flash leaves nothing behind"
+    );
+
+    std::fs::remove_file(&target).unwrap();
+    let Some(failing) = LoopDevice::new(&small.0.join("disk"), image_size, 0) else {
+        return;
+    };
+    let (ok, stdout, stderr) = built.flash(&built.image, &failing.path, &[]);
+    assert!(
+        !ok,
+        "a flash onto a failing disk reported success: {stdout}"
+    );
+    assert!(!stdout.contains("flashed"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let device = failing.path.display().to_string();
+    assert!(
+        stderr.contains(&format!("writing {device}: "))
+            || stderr.contains(&format!("syncing {device}: "))
+            || stderr.contains(&format!("reading back {device}: ")),
+        "the error names what failed on which device: {stderr}"
+    );
+    assert!(
+        stderr.contains("Input/output error") || stderr.contains("No space left"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -914,10 +1062,38 @@ impl Mount {
         assert!(ok, "{out}");
         Self(at.to_owned())
     }
+
+    /// A tmpfs of `bytes` at `at` (a new directory), or `None` where mounting is not allowed.
+    fn tmpfs(at: &Path, bytes: u64) -> Option<Self> {
+        std::fs::create_dir(at).unwrap();
+        let (ok, out) = tool(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes}"),
+                "tmpfs",
+                s(at),
+            ],
+        );
+        if !ok {
+            eprintln!(
+                "note: cannot mount a tmpfs here ({}); case skipped",
+                out.trim()
+            );
+            return None;
+        }
+        Some(Self(at.to_owned()))
+    }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        // A loop device just detached may still hold its backing file here for a moment.
+        let detached = Command::new("umount").arg(&self.0).status();
+        if !detached.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("--lazy").arg(&self.0).status();
+        }
     }
 }
