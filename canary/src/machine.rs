@@ -78,6 +78,11 @@ pub struct Vehicle {
     /// vehicle starting anyway, and reports of that attempt must still be followed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_at: Option<Millis>,
+    /// Followed again after such a crossing: its pull may have met the withdrawal (the
+    /// depot said there was nothing for it), so a failure before it installed is no evidence
+    /// against the release.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refollowed: bool,
 }
 
 /// A vehicle as the rollout starts.
@@ -307,6 +312,7 @@ impl Rollout {
                         booted_at: None,
                         healthy: false,
                         released_at: None,
+                        refollowed: false,
                     },
                 )
             })
@@ -470,6 +476,7 @@ impl Rollout {
                 // this version unseen by the gate, and wait forever as "already there".
                 v.wave = Some(wave);
                 v.assigned_at = v.released_at.take();
+                v.refollowed = true;
                 v.stage = match event {
                     Event::Downloading { .. } => Stage::Downloading,
                     Event::Installed { .. } => Stage::Installed,
@@ -512,6 +519,15 @@ impl Rollout {
                     },
                     decisions,
                 );
+            }
+            Event::Failed { .. } if open && v.refollowed && v.stage == Stage::Downloading => {
+                // Most likely the withdrawal it crossed: released again, as it was.
+                let assigned_at = v.assigned_at;
+                reset(v, epoch);
+                v.released_at = assigned_at;
+                decisions.push(Decision::Release {
+                    vehicle: id.to_owned(),
+                });
             }
             Event::Failed { reason, .. } if open => {
                 fail(
@@ -767,4 +783,5 @@ fn reset(v: &mut Vehicle, epoch: u32) {
     v.booted_at = None;
     v.healthy = false;
     v.released_at = None;
+    v.refollowed = false;
 }

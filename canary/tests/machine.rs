@@ -369,6 +369,56 @@ fn a_released_vehicle_that_started_anyway_is_followed_again() {
     assert_eq!(rollout.vehicles()["veh-0003"].stage, Stage::Waiting);
 }
 
+/// A vehicle followed again after its withdrawal crossed its start may have pulled while it
+/// was withdrawn: the depot said "nothing to install", and the vehicle reports a failed
+/// download. That is the withdrawal, not the release: released again, not failed. Once it has
+/// installed, a failure counts as usual.
+#[test]
+fn a_refollowed_vehicle_whose_pull_met_the_withdrawal_is_released_not_failed() {
+    let (mut rollout, _) = two_of_four();
+    rollout.handle(10 * S, &leaves("veh-0000")).unwrap();
+    let downloading = |v: &str| Event::Downloading { vehicle: v.into() };
+    rollout.handle(11 * S, &downloading("veh-0000")).unwrap();
+    assert_eq!(rollout.vehicles()["veh-0000"].stage, Stage::Downloading);
+    let failed = |v: &str| Event::Failed {
+        vehicle: v.into(),
+        reason: "download: nothing to install: NoAssignment".into(),
+    };
+    let step = rollout.handle(12 * S, &failed("veh-0000")).unwrap();
+    assert_eq!(
+        step.decisions,
+        vec![Decision::Release {
+            vehicle: "veh-0000".into()
+        }]
+    );
+    let v = &rollout.vehicles()["veh-0000"];
+    assert_eq!((v.stage, &v.outcome), (Stage::Waiting, &None));
+
+    // Followed again once more, it installs, then fails: that counts.
+    rollout.handle(13 * S, &downloading("veh-0000")).unwrap();
+    rollout
+        .handle(
+            14 * S,
+            &Event::Installed {
+                vehicle: "veh-0000".into(),
+            },
+        )
+        .unwrap();
+    rollout.handle(15 * S, &failed("veh-0000")).unwrap();
+    let v = &rollout.vehicles()["veh-0000"];
+    assert!(
+        matches!(v.outcome, Some(Outcome::Failed { .. })),
+        "{:?}",
+        v.outcome
+    );
+    // And a vehicle never released fails on its first failed download.
+    rollout.handle(16 * S, &failed("veh-0001")).unwrap();
+    assert!(matches!(
+        rollout.vehicles()["veh-0001"].outcome,
+        Some(Outcome::Failed { .. })
+    ));
+}
+
 #[test]
 fn a_released_vehicle_that_installs_after_a_halt_is_rolled_back() {
     let (mut rollout, _) = two_of_four();
