@@ -607,7 +607,12 @@ fn two_cloud_instances_share_one_postgresql_and_renew_depot_certificates() -> Re
             (site["tariff_source"] == "cloud" && site["tariff"][0] == 0.08).then_some(())
         },
     );
-    assert_eq!(b.get(&api, "/api/v1/depots/south")["acked_revision"], 1);
+    // The depot acknowledges after applying, and the cloud stores that a moment later.
+    wait_for(
+        Duration::from_secs(30),
+        "instance B to see the depot's acknowledgement",
+        || (b.get(&api, "/api/v1/depots/south")["acked_revision"] == 1).then_some(()),
+    );
 
     let first: Value =
         serde_json::from_slice(&std::fs::read(depot_dir.join("cloud/credentials.json"))?)?;

@@ -543,6 +543,15 @@ pub fn bays(conn: &Connection) -> Result<Vec<BayView>, StoreError> {
 }
 
 /// Vehicles docked now that have an assignment they do not run yet: who to notify.
+/// Whether the registry has `vehicle` docked (an unknown vehicle is not).
+pub fn is_docked(conn: &Connection, vehicle: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT docked FROM vehicles WHERE id = ?1")?
+        .query_row([vehicle], |r| r.get(0))
+        .optional()?
+        .unwrap_or(false))
+}
+
 pub fn pending_notifications(
     conn: &Connection,
     vehicle: Option<&str>,

@@ -110,7 +110,7 @@ impl LinkMetrics {
         );
         registry.register(
             "atlasmesh_vehicle_link_connected",
-            "1 while the depot is connected to the broker",
+            "1 while the depot is connected to the broker and subscribed to the vehicles' topics",
             m.connected.clone(),
         );
         registry.register(
@@ -383,7 +383,6 @@ impl VehicleLink {
                     // Acks of messages from an earlier connection must not be sent on this
                     // one: their packet ids mean something else now. The broker redelivers.
                     generation.fetch_add(1, Ordering::SeqCst);
-                    self.metrics.connected.set(1);
                     // Subscribing on every connection: a broker that lost its sessions
                     // (restarted without persistence) knows nothing of us otherwise.
                     if let Err(e) = self.client.try_subscribe(&filter, QoS::AtLeastOnce) {
@@ -406,6 +405,10 @@ impl VehicleLink {
                         .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                     {
                         tracing::error!(filter = %filter, "the broker refused the depot's subscription; check its ACL");
+                    } else {
+                        // Connected means hearing the vehicles: only from here on does the
+                        // broker pass their messages on.
+                        self.metrics.connected.set(1);
                     }
                 }
                 Ok(_) => {}
@@ -535,20 +538,34 @@ impl VehicleLink {
         None
     }
 
-    /// What the link itself does about an event: a docking or returning vehicle hears about
-    /// its pending assignment.
+    /// What the link itself does about an event: a docking vehicle, or one coming back online
+    /// in its bay, hears about its pending assignment. (A vehicle coming online before it
+    /// docks hears at its dock event: told at once, it could act on the command before its
+    /// dock is stored.)
     fn react(self: &Arc<Self>, event: &VehicleEvent) {
-        let vehicle = match event {
-            VehicleEvent::Docked { vehicle, .. } => vehicle,
+        let (vehicle, docked) = match event {
+            VehicleEvent::Docked { vehicle, .. } => (vehicle.clone(), true),
             VehicleEvent::Link {
                 vehicle,
                 online: true,
-            } => vehicle,
+            } => (vehicle.clone(), false),
             _ => return,
         };
         let link = self.clone();
-        let vehicle = vehicle.clone();
-        tokio::spawn(async move { link.notify_ota(Some(vehicle)).await });
+        tokio::spawn(async move {
+            if !docked {
+                let id = vehicle.clone();
+                match link.store.read(move |c| db::is_docked(c, &id)).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(vehicle = %vehicle, error = %e, "could not read whether the vehicle is docked");
+                        return;
+                    }
+                }
+            }
+            link.notify_ota(Some(vehicle)).await
+        });
     }
 
     /// Pushes changed vehicles and the bay board to open panels, at most once a second.

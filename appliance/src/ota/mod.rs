@@ -1027,6 +1027,24 @@ impl Ota {
             ),
         };
         let total = result.as_ref().ok().map(|r| r.length as u64);
+        // A refusal's audit record goes in with the job's end: whoever sees the job failed
+        // finds it audited too.
+        let refusal = result.as_ref().err().map(|e| {
+            tracing::warn!(job, source, code = code.unwrap_or(""), error = %e, "staging refused");
+            audit::Entry {
+                actor: actor.name.clone(),
+                role: actor.role,
+                action: "image.stage".into(),
+                target: Some(if hardware.is_empty() {
+                    source.to_owned()
+                } else {
+                    format!("{hardware}/{version}")
+                }),
+                outcome: Outcome::Failed,
+                request_id: actor.request_id.clone(),
+                detail: json!({"job": job, "source": source, "code": code, "message": message}),
+            }
+        });
         let (code_c, message_c) = (code.map(str::to_owned), message.clone());
         let write = self
             .db
@@ -1045,27 +1063,15 @@ impl Ota {
                         image_id,
                     },
                     now,
-                )
+                )?;
+                if let Some(entry) = &refusal {
+                    audit::record(tx, entry, now)?;
+                }
+                Ok::<_, StoreError>(())
             })
             .await;
         if let Err(e) = write {
             tracing::error!(error = %e, job, "could not record the end of a staging job");
-        }
-        if let Err(e) = &result {
-            tracing::warn!(job, source, code = code.unwrap_or(""), error = %e, "staging refused");
-            let target = if hardware.is_empty() {
-                source.to_owned()
-            } else {
-                format!("{hardware}/{version}")
-            };
-            self.record(
-                actor,
-                "image.stage",
-                &target,
-                Outcome::Failed,
-                json!({"job": job, "source": source, "code": code, "message": message}),
-            )
-            .await;
         }
         self.event(
             "staging",
