@@ -542,7 +542,6 @@ pub fn bays(conn: &Connection) -> Result<Vec<BayView>, StoreError> {
     Ok(out)
 }
 
-/// Vehicles docked now that have an assignment they do not run yet: who to notify.
 /// Whether the registry has `vehicle` docked (an unknown vehicle is not).
 pub fn is_docked(conn: &Connection, vehicle: &str) -> Result<bool, StoreError> {
     Ok(conn
@@ -552,6 +551,8 @@ pub fn is_docked(conn: &Connection, vehicle: &str) -> Result<bool, StoreError> {
         .unwrap_or(false))
 }
 
+/// Vehicles that have an assignment they do not run yet (`vehicle` alone, if given): who
+/// to notify.
 pub fn pending_notifications(
     conn: &Connection,
     vehicle: Option<&str>,
