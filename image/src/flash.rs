@@ -285,7 +285,6 @@ impl Output {
 /// Removes the files in `dir` named `prefix…` that no process holds a `flock` on: staged
 /// files of flashes that were killed. Returns the paths removed.
 fn remove_abandoned(dir: &Path, prefix: &str) -> Vec<PathBuf> {
-    use rustix::fs::{FlockOperation, flock};
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -296,11 +295,18 @@ fn remove_abandoned(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .filter_map(|e| {
             let path = e.path();
             let file = File::open(&path).ok()?;
-            flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
+            try_hold(&file).ok()?;
             std::fs::remove_file(&path).ok()?;
             Some(path)
         })
         .collect()
+}
+
+/// Takes a staged file's lock, which a flash holds until it ends, however it ends; fails at
+/// once if another process holds it.
+fn try_hold(file: &File) -> io::Result<()> {
+    use rustix::fs::{FlockOperation, flock};
+    flock(file, FlockOperation::NonBlockingLockExclusive).map_err(io::Error::from)
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -324,7 +330,6 @@ fn directory_of(path: &Path) -> &Path {
 /// ends; staged files of the same target that nobody holds were left by a flash that was
 /// killed, and are removed first (see [`Output::File`]).
 pub fn open_target(target: &Target, bmap: &Bmap) -> Result<Output, FlashError> {
-    use rustix::fs::{FlockOperation, flock};
     let what = || format!("opening {} for writing", target.path.display());
     match target.kind {
         TargetKind::File => {
@@ -347,8 +352,7 @@ pub fn open_target(target: &Target, bmap: &Bmap) -> Result<Output, FlashError> {
                 .permissions(permissions)
                 .tempfile_in(dir)
                 .map_err(io_err(what()))?;
-            flock(staged.as_file(), FlockOperation::NonBlockingLockExclusive)
-                .map_err(|e| io_err(what())(e.into()))?;
+            try_hold(staged.as_file()).map_err(io_err(what()))?;
             staged
                 .as_file()
                 .set_len(bmap.image_size)
@@ -1079,27 +1083,22 @@ mod tests {
             .unwrap();
         let shares = piece_shares(&checked.bmap);
         let digests = check_written(&checked, &file, &target.path, &shares, &Quiet).unwrap();
-        verify_pieces(
-            &file,
-            &checked.bmap,
-            &target.path,
-            &shares,
-            &digests,
-            &Quiet,
-        )
-        .unwrap();
+        let verify = || {
+            verify_pieces(
+                &file,
+                &checked.bmap,
+                &target.path,
+                &shares,
+                &digests,
+                &Quiet,
+            )
+        };
+        verify().unwrap();
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, 300 * BLOCK).unwrap();
         file.write_all_at(&[byte[0] ^ 0xff], 300 * BLOCK).unwrap();
         file.sync_all().unwrap();
-        match verify_pieces(
-            &file,
-            &checked.bmap,
-            &target.path,
-            &shares,
-            &digests,
-            &Quiet,
-        ) {
+        match verify() {
             Err(FlashError::Verify { first, last, .. }) => assert_eq!((first, last), (256, 2856)),
             other => panic!("expected a verification failure, got {other:?}"),
         }

@@ -399,6 +399,26 @@ fn read_at(file: &mut std::fs::File, offset: u64, len: u64) -> Vec<u8> {
     buf
 }
 
+/// The staged replacements (`.NAME.atlasmesh-…`) beside a file target, in name order.
+fn staged_beside(target: &Path) -> Vec<PathBuf> {
+    let prefix = format!(
+        ".{}.atlasmesh-",
+        target.file_name().unwrap().to_string_lossy()
+    );
+    let mut staged: Vec<PathBuf> = std::fs::read_dir(target.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&prefix)
+        })
+        .collect();
+    staged.sort();
+    staged
+}
+
 fn flip_byte(path: &Path, offset: u64) {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -422,11 +442,7 @@ fn tampered_image_bmap_or_manifest_is_refused_before_writing() {
             "{what}: the target was written"
         );
         // Nor is a staged replacement left beside it.
-        let staged: Vec<_> = std::fs::read_dir(target.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| name.contains(".atlasmesh-"))
-            .collect();
+        let staged = staged_beside(&target);
         assert!(staged.is_empty(), "{what}: left behind {staged:?}");
     };
     std::fs::write(&target, &original).unwrap();
@@ -520,15 +536,7 @@ fn a_killed_flash_leaves_the_old_file_and_the_next_flash_clears_what_it_left() {
         hex::encode(Sha256::digest(&original)),
         sha256_file(&built.image),
     );
-    let staged = || -> Vec<PathBuf> {
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.to_string_lossy().contains(".target.img.atlasmesh-"))
-            .collect();
-        names.sort();
-        names
-    };
+    let staged = || staged_beside(&target);
 
     // Killed at ever later moments, from before it opens the target to after it is done.
     let mut left = 0;
