@@ -137,6 +137,11 @@ pub struct ImageFlashArgs {
     /// name, e.g. sdb, when it reports none).
     #[arg(long, value_name = "SERIAL")]
     pub confirm: Option<String>,
+    /// For a file target: after the sync, also read every written range back from the disk
+    /// (not the page cache) and compare it, which makes the disk read it all again. A device
+    /// is always read back from the device.
+    #[arg(long)]
+    pub verify_on_disk: bool,
     /// No progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,

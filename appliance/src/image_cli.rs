@@ -11,7 +11,7 @@ use atlasmesh_image::bootenv::BootEnv;
 use atlasmesh_image::bootenv::Slot;
 use atlasmesh_image::build::{BuildOptions, build as build_image, sidecars};
 use atlasmesh_image::device::{SystemView, Target};
-use atlasmesh_image::flash::{FlashError, Progress, Quiet, flash as flash_image};
+use atlasmesh_image::flash::{FileVerify, FlashError, Progress, Quiet, flash as flash_image};
 use atlasmesh_image::install::{InstallReport, Slots, check_bundle, install as install_image};
 use atlasmesh_image::manifest::Trust;
 use atlasmesh_ota_staging::keys::KeyPair;
@@ -173,6 +173,11 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
         &trust,
         &SystemView::default(),
         &mut confirm,
+        if args.verify_on_disk {
+            FileVerify::OnDisk
+        } else {
+            FileVerify::Written
+        },
         progress.as_ref(),
     )?;
     let w = &report.write;
@@ -182,18 +187,27 @@ fn flash(args: ImageFlashArgs) -> anyhow::Result<u8> {
         report.target.describe()
     )?;
     crate::outln!(
-        "  written  {} of the {} image (mapped blocks only), each range read back and verified",
+        "  written  {} of the {} image (mapped blocks only), each range read back {}and verified",
         human_bytes(w.bytes_written),
-        human_bytes(report.image_size)
+        human_bytes(report.image_size),
+        if report.read_back_from_disk {
+            "from the disk "
+        } else {
+            ""
+        }
     )?;
-    let phases = match report.checked_in {
-        Some(checked) => format!(
+    let phases = match (report.checked_in, report.read_back_from_disk) {
+        (Some(checked), _) => format!(
             "checked in {:.2} s, then written, synced and verified in {:.2} s",
             checked.as_secs_f64(),
             w.elapsed.as_secs_f64()
         ),
-        None => format!(
-            "written, checked while syncing and verified in {:.2} s",
+        (None, true) => format!(
+            "written, checked while syncing and verified on disk in {:.2} s",
+            w.elapsed.as_secs_f64()
+        ),
+        (None, false) => format!(
+            "written and checked while syncing, verified in {:.2} s",
             w.elapsed.as_secs_f64()
         ),
     };

@@ -298,6 +298,7 @@ fn bmaptool_with_our_bmap_writes_what_our_flash_writes() {
     let (ok, stdout, stderr) = built.flash(&built.image, &ours, &[]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("read back and verified"), "{stdout}");
+    assert!(!stdout.contains("from the disk"), "{stdout}");
     let manifest = built.manifest_json();
     let hash = manifest["signed"]["image_sha256"].as_str().unwrap();
     assert!(
@@ -322,6 +323,16 @@ fn bmaptool_with_our_bmap_writes_what_our_flash_writes() {
         "ours and bmaptool's differ"
     );
     assert_eq!(sha256_file(&ours), hash);
+
+    // Asked to, a flash into a file also reads it back from the disk, and says so.
+    let on_disk = built.path("on-disk.img");
+    let (ok, stdout, stderr) = built.flash(&built.image, &on_disk, &["--verify-on-disk"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("read back from the disk and verified"),
+        "{stdout}"
+    );
+    assert_eq!(sha256_file(&on_disk), hash);
 
     // A flash whose output nobody reads any more (`... | head -1`) still writes and verifies
     // the whole image, then exits quietly as SIGPIPE would, instead of panicking.
