@@ -7,6 +7,9 @@
 //! in turn:
 //! - **block**: a loop device over a file on this machine's disk (a disk in a USB/SATA dock is
 //!   a block device too), needs root;
+//! - **block-direct**: the same over a second file, with the loop device doing direct I/O on
+//!   it (`losetup --direct-io=on`): every read-back then comes from the disk, as from a disk in
+//!   a dock, where on **block** it comes from the backing file's page cache;
 //! - **file**: a regular file on the same disk, recreated before every run.
 //!
 //! Before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, as
@@ -15,13 +18,14 @@
 //! shows the median wall time of the whole command (including its final sync) and the image
 //! size divided by it. Our flash also checks
 //! the signed manifest and every mapped block (on a device before writing; in a file what was
-//! written, while it syncs) and reads every written range back from the disk; bmaptool checks
-//! block checksums while writing; dd checks nothing.
+//! written, while it syncs) and reads every written range back (from a device itself; from a
+//! file as the file system returns it, and from the disk too in a second row,
+//! `--verify-on-disk`); bmaptool checks block checksums while writing; dd checks nothing.
 //!
 //! `dd if=IMG of=TARGET bs=4M conv=fsync` is how images are commonly flashed without a bmap.
 //!
-//! Run: `cargo build --release --workspace --bins && target/release/bench-image [block] [file]`
-//! (both targets unless named). Prints Markdown for docs/benchmarks.md; progress goes to
+//! Run: `cargo build --release --workspace --bins && target/release/bench-image [block]
+//! [block-direct] [file]` (all targets unless named). Prints Markdown for docs/benchmarks.md; progress goes to
 //! stderr.
 
 use std::path::{Path, PathBuf};
@@ -34,7 +38,8 @@ use atlasmesh_tests::ota::{Fleet, s};
 use atlasmesh_tests::{atlasmesh, run};
 
 const MIB: u64 = 1 << 20;
-/// A multiple of the number of tools, so each starts a round equally often.
+/// Rounds per target, rounded up to a multiple of its number of tools, so each tool starts a
+/// round equally often.
 const ROUNDS: usize = 6;
 /// Slot and data sizes that make a 4 GiB image: 1 + 64 + 2 × 1600 + 830 + 1 MiB.
 const ROOT_MIB: u64 = 1600;
@@ -90,52 +95,65 @@ fn main() -> Result<()> {
     let wants = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
     let mut targets: Vec<(&str, Target)> = Vec::new();
     if wants("block") {
-        match LoopTarget::new(&dir.join("disk.img"), size) {
+        match LoopTarget::new(&dir.join("disk.img"), size, false) {
             Ok(dev) => targets.push(("block (loop)", Target::Block(dev))),
             Err(e) => eprintln!("note: no block-device target: {e:#}"),
+        }
+    }
+    if wants("block-direct") {
+        match LoopTarget::new(&dir.join("disk-direct.img"), size, true) {
+            Ok(dev) => targets.push(("block (loop, direct I/O)", Target::Block(dev))),
+            Err(e) => eprintln!("note: no direct block-device target: {e:#}"),
         }
     }
     if wants("file") {
         targets.push(("file", Target::File(dir.join("target.img"))));
     }
 
-    let tools: [(&str, &CommandFor<'_>); 3] = [
-        ("`atlasmesh image flash`", &|t: &Path| {
-            let mut cmd = atlasmesh();
-            cmd.args([
-                "image",
-                "flash",
-                "--image",
-                s(&image),
-                "--device",
-                s(t),
-                "--root",
-                s(&root),
-            ]);
-            cmd
-        }),
-        ("`bmaptool copy` (Debian)", &|t: &Path| {
-            let mut cmd = Command::new("bmaptool");
-            cmd.args(["copy", "--bmap", s(&bmap), s(&image), s(t)]);
-            cmd
-        }),
-        ("`dd bs=4M conv=fsync`", &|t: &Path| {
-            let mut cmd = Command::new("dd");
-            cmd.args([
-                &format!("if={}", image.display()),
-                &format!("of={}", t.display()),
-                "bs=4M",
-                "conv=fsync",
-            ]);
-            cmd
-        }),
-    ];
+    let flash = |t: &Path, extra: &[&str]| {
+        let mut cmd = atlasmesh();
+        cmd.args([
+            "image",
+            "flash",
+            "--image",
+            s(&image),
+            "--device",
+            s(t),
+            "--root",
+            s(&root),
+        ]);
+        cmd.args(extra);
+        cmd
+    };
+    let ours: Tool<'_> = ("`atlasmesh image flash`", &|t: &Path| flash(t, &[]));
+    // Into a file, also with the read-back from the disk that is an option there (on a
+    // device it is always done).
+    let ours_on_disk: Tool<'_> = ("`atlasmesh image flash --verify-on-disk`", &|t: &Path| {
+        flash(t, &["--verify-on-disk"])
+    });
+    let bmaptool: Tool<'_> = ("`bmaptool copy` (Debian)", &|t: &Path| {
+        let mut cmd = Command::new("bmaptool");
+        cmd.args(["copy", "--bmap", s(&bmap), s(&image), s(t)]);
+        cmd
+    });
+    // Last in every list: the others' speeds are given relative to it.
+    let dd: Tool<'_> = ("`dd bs=4M conv=fsync`", &|t: &Path| {
+        let mut cmd = Command::new("dd");
+        cmd.args([
+            &format!("if={}", image.display()),
+            &format!("of={}", t.display()),
+            "bs=4M",
+            "conv=fsync",
+        ]);
+        cmd
+    });
 
     println!("### Flashing a 4 GiB image (issue 9)\n");
     println!("{}\n", machine());
     println!(
         "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. Bmaptool {}. \
-         Median of {ROUNDS} runs per tool and target, page cache dropped before each.\n",
+         Median of {ROUNDS} runs (or the next multiple of the number of tools) per tool and \
+         target, page cache dropped before each.\n",
         gib(size),
         gib(mapped),
         mapped as f64 * 100.0 / size as f64,
@@ -145,10 +163,14 @@ fn main() -> Result<()> {
     println!("| target | tool | median time | speed (image size / time) | vs dd | runs (s) |");
     println!("|---|---|---:|---:|---:|---|");
     for (target_name, target) in &targets {
+        let tools = match target {
+            Target::Block(_) => vec![ours, bmaptool, dd],
+            Target::File(_) => vec![ours, ours_on_disk, bmaptool, dd],
+        };
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
-        for round in 0..ROUNDS {
-            // Round r starts with tool r mod 3: each tool runs after each other equally
-            // often. A run right after dd's 4 GiB write was measured 0.3 to 0.5 s slower
+        for round in 0..ROUNDS.next_multiple_of(tools.len()) {
+            // Round r starts with tool r mod the number of tools: each tool starts a round
+            // equally often. A run right after dd's 4 GiB write was measured 0.3 to 0.5 s slower
             // (this host's disk is still busy with it), which a fixed order would always
             // charge to the same tool.
             for k in 0..tools.len() {
@@ -167,11 +189,12 @@ fn main() -> Result<()> {
                         String::from_utf8_lossy(&out.stderr)
                     );
                 }
-                // Our flash reports its phases ("checked in …, then written, synced and
-                // verified in …"); kept in the log to show where the time goes.
+                // Our flash reports its phases on its speed line ("checked in …, then
+                // written, synced and verified in …"); kept in the log to show where the time
+                // goes.
                 let phases = String::from_utf8_lossy(&out.stdout)
                     .lines()
-                    .find(|l| l.contains("verified in"))
+                    .find(|l| l.trim_start().starts_with("speed"))
                     .map(|l| format!(" ({})", l.trim()))
                     .unwrap_or_default();
                 eprintln!(
@@ -182,7 +205,7 @@ fn main() -> Result<()> {
             }
         }
         let medians: Vec<Duration> = times.iter().map(|t| median(t)).collect();
-        let dd = medians[2];
+        let dd = medians[tools.len() - 1];
         for (i, (name, _)) in tools.iter().enumerate() {
             let runs: Vec<String> = times[i]
                 .iter()
@@ -239,6 +262,8 @@ fn write_tree(root: &Path) -> Result<()> {
 
 /// Makes the command that writes the image onto a target path.
 type CommandFor<'a> = dyn Fn(&Path) -> Command + 'a;
+/// A tool's name in the table and how to run it.
+type Tool<'a> = (&'static str, &'a CommandFor<'a>);
 
 enum Target {
     File(PathBuf),
@@ -263,7 +288,11 @@ struct LoopTarget {
 }
 
 impl LoopTarget {
-    fn new(backing: &Path, size: u64) -> Result<Self> {
+    /// `direct`: the loop device reads and writes its backing file with direct I/O, as a disk
+    /// in a dock would be read and written. Without it the backing file's page cache sits
+    /// under the device: what was written and flushed is still cached, so every tool's writes
+    /// go to the disk but a read-back of them (ours) comes from memory.
+    fn new(backing: &Path, size: u64, direct: bool) -> Result<Self> {
         // Fully allocated, so the device's writes are not file-system allocations.
         let status = Command::new("fallocate")
             .args(["-l", &(size + 64 * MIB).to_string(), s(backing)])
@@ -272,7 +301,16 @@ impl LoopTarget {
             bail!("fallocate failed");
         }
         let out = Command::new("losetup")
-            .args(["-f", "--show", s(backing)])
+            .args([
+                "-f",
+                "--show",
+                if direct {
+                    "--direct-io=on"
+                } else {
+                    "--direct-io=off"
+                },
+                s(backing),
+            ])
             .output()?;
         if !out.status.success() {
             bail!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim());
