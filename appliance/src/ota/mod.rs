@@ -88,6 +88,27 @@ pub struct Actor {
     pub request_id: Option<String>,
 }
 
+impl Actor {
+    /// The audit record of `action` on `target`, done by this actor.
+    pub fn entry(
+        &self,
+        action: &str,
+        target: impl Into<String>,
+        outcome: Outcome,
+        detail: serde_json::Value,
+    ) -> audit::Entry {
+        audit::Entry {
+            actor: self.name.clone(),
+            role: self.role,
+            action: action.into(),
+            target: Some(target.into()),
+            outcome,
+            request_id: self.request_id.clone(),
+            detail,
+        }
+    }
+}
+
 /// A staging job in progress, for the panel and `GET /api/v1/staging/{id}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveJob {
@@ -476,15 +497,7 @@ impl Ota {
         outcome: Outcome,
         detail: serde_json::Value,
     ) {
-        let entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: action.into(),
-            target: Some(target.into()),
-            outcome,
-            request_id: actor.request_id.clone(),
-            detail,
-        };
+        let entry = actor.entry(action, target, outcome, detail);
         let now = unix_ms(self.clock.now());
         if let Err(e) = self
             .db
@@ -946,15 +959,13 @@ impl Ota {
             );
         let now = unix_ms(self.clock.now());
         let image = release.image.clone();
-        let entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: "image.stage".into(),
-            target: Some(format!("{}/{}", image.meta.hardware_id, image.meta.version)),
-            outcome: Outcome::Ok,
-            request_id: actor.request_id.clone(),
-            detail: json!({"job": job, "source": source, "sha256": image.sha256, "length": length, "chunks": release.index.chunks.len()}),
-        };
+        let entry = actor.entry(
+            "image.stage",
+            format!("{}/{}", image.meta.hardware_id, image.meta.version),
+            Outcome::Ok,
+            json!({"job": job, "source": source, "sha256": image.sha256, "length": length,
+                   "chunks": release.index.chunks.len()}),
+        );
         let (by, source) = (actor.name.clone(), source.to_owned());
         let chunk_count = release.index.chunks.len();
         let row = self
@@ -1031,19 +1042,17 @@ impl Ota {
         // finds it audited too.
         let refusal = result.as_ref().err().map(|e| {
             tracing::warn!(job, source, code = code.unwrap_or(""), error = %e, "staging refused");
-            audit::Entry {
-                actor: actor.name.clone(),
-                role: actor.role,
-                action: "image.stage".into(),
-                target: Some(if hardware.is_empty() {
-                    source.to_owned()
-                } else {
-                    format!("{hardware}/{version}")
-                }),
-                outcome: Outcome::Failed,
-                request_id: actor.request_id.clone(),
-                detail: json!({"job": job, "source": source, "code": code, "message": message}),
-            }
+            let target = if hardware.is_empty() {
+                source.to_owned()
+            } else {
+                format!("{hardware}/{version}")
+            };
+            actor.entry(
+                "image.stage",
+                target,
+                Outcome::Failed,
+                json!({"job": job, "source": source, "code": code, "message": message}),
+            )
         });
         let (code_c, message_c) = (code.map(str::to_owned), message.clone());
         let write = self
@@ -1319,15 +1328,7 @@ impl Ota {
             .write(move |tx| {
                 for vehicle in vehicles {
                     db::assign(tx, &vehicle, id, &by, now)?;
-                    let entry = audit::Entry {
-                        actor: actor.name.clone(),
-                        role: actor.role,
-                        action: "assignment.set".into(),
-                        target: Some(vehicle),
-                        outcome: Outcome::Ok,
-                        request_id: actor.request_id.clone(),
-                        detail: detail.clone(),
-                    };
+                    let entry = actor.entry("assignment.set", vehicle, Outcome::Ok, detail.clone());
                     audit::record(tx, &entry, now)?;
                 }
                 Ok::<_, OtaError>(())
@@ -1365,15 +1366,8 @@ impl Ota {
                 for vehicle in vehicles {
                     if db::unassign(tx, &vehicle)? {
                         removed += 1;
-                        let entry = audit::Entry {
-                            actor: actor.name.clone(),
-                            role: actor.role,
-                            action: "assignment.remove".into(),
-                            target: Some(vehicle),
-                            outcome: Outcome::Ok,
-                            request_id: actor.request_id.clone(),
-                            detail: json!({}),
-                        };
+                        let entry =
+                            actor.entry("assignment.remove", vehicle, Outcome::Ok, json!({}));
                         audit::record(tx, &entry, now)?;
                     }
                 }
@@ -1502,15 +1496,12 @@ impl Ota {
         let rate = rate.filter(|r| *r > 0);
         self.bandwidth.set_rate(rate);
         let now = unix_ms(self.clock.now());
-        let entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: "bandwidth.set".into(),
-            target: Some("depot".into()),
-            outcome: Outcome::Ok,
-            request_id: actor.request_id.clone(),
-            detail: json!({"bytes_per_second": rate}),
-        };
+        let entry = actor.entry(
+            "bandwidth.set",
+            "depot",
+            Outcome::Ok,
+            json!({"bytes_per_second": rate}),
+        );
         self.db
             .write(move |tx| {
                 meta_set(tx, BANDWIDTH_KEY, &rate.unwrap_or(0).to_string())?;

@@ -547,15 +547,12 @@ impl Rollouts {
             "phase": machine.phase(),
         })
         .to_string();
-        let audit_entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: "rollout.create".into(),
-            target: Some(format!("{}/{}", image.hardware_id, image.version)),
-            outcome: audit::Outcome::Ok,
-            request_id: actor.request_id.clone(),
-            detail: json!({"vehicles": machine.vehicles().len(), "waves": machine.targets()}),
-        };
+        let audit_entry = actor.entry(
+            "rollout.create",
+            format!("{}/{}", image.hardware_id, image.version),
+            audit::Outcome::Ok,
+            json!({"vehicles": machine.vehicles().len(), "waves": machine.targets()}),
+        );
         let (hw, version, image_id, phase, by) = (
             image.hardware_id.clone(),
             image.version.clone(),
@@ -611,15 +608,12 @@ impl Rollouts {
                 None => Err(RolloutError::NotFound(format!("no rollout {id}"))),
             };
         }
-        let audit_entry = audit::Entry {
-            actor: actor.name.clone(),
-            role: actor.role,
-            action: action.into(),
-            target: Some(id.to_string()),
-            outcome: audit::Outcome::Ok,
-            request_id: actor.request_id.clone(),
-            detail: serde_json::to_value(&event).unwrap_or_default(),
-        };
+        let audit_entry = actor.entry(
+            action,
+            id.to_string(),
+            audit::Outcome::Ok,
+            serde_json::to_value(&event).unwrap_or_default(),
+        );
         self.apply(&mut live, id, event, &actor.name, Some(audit_entry))
             .await?;
         drop(live);
