@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use atlasmesh_image::bootenv::{BootEnv, Slot, booted_slot};
+use atlasmesh_image::bootenv::{Slot, booted_slot};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, Outcome};
@@ -27,12 +27,14 @@ pub enum BootOutcome {
     MarkedGood(Slot),
 }
 
-/// Marks the slot the kernel says it booted as good. Blocking (runs `grub-editenv`).
+/// Marks the slot the kernel says it booted as good. Blocking (runs the bootloader's
+/// environment tool).
 pub fn mark_good(config: &ImageConfig) -> anyhow::Result<BootOutcome> {
-    if !config.grubenv.exists() {
+    let file = config.boot_env_file();
+    if !file.exists() {
         return Ok(BootOutcome::Off(format!(
             "{} does not exist",
-            config.grubenv.display()
+            file.display()
         )));
     }
     let slot = booted(&config.cmdline)?;
@@ -53,7 +55,7 @@ pub fn booted(cmdline: &Path) -> anyhow::Result<Slot> {
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", cmdline.display()))?;
     booted_slot(&text).ok_or_else(|| {
         anyhow::anyhow!(
-            "{} has no atlasmesh.slot=A|B: this system was not booted by the appliance's GRUB",
+            "{} has no atlasmesh.slot=A|B: this system was not booted by the appliance's bootloader",
             cmdline.display()
         )
     })

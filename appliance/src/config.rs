@@ -49,12 +49,18 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImageConfig {
-    /// GRUB's environment block holding the boot slots' ORDER/OK/TRY flags. On the appliance
-    /// image it is on the EFI system partition, mounted at /boot. When the file does not
-    /// exist (a depot not installed from the appliance image), boot control is off.
+    /// Which bootloader's environment holds the boot slots' ORDER/OK/TRY flags: `grub` (the
+    /// appliance image for PCs) or `uboot` (boards booting U-Boot with `image/uboot/boot.cmd`).
+    pub bootloader: Bootloader,
+    /// GRUB's environment block. On the appliance image it is on the EFI system partition,
+    /// mounted at /boot. When the file does not exist (a depot not installed from the
+    /// appliance image), boot control is off.
     pub grubenv: PathBuf,
     /// The `grub-editenv` program that reads and writes the block.
     pub grub_editenv: PathBuf,
+    /// With `bootloader = "uboot"`: libubootenv's configuration, saying where U-Boot's
+    /// environment is. When it does not exist, boot control is off.
+    pub fw_env_config: PathBuf,
     /// The root slots' block devices.
     pub slot_a: PathBuf,
     pub slot_b: PathBuf,
@@ -62,12 +68,34 @@ pub struct ImageConfig {
     pub cmdline: PathBuf,
 }
 
+/// The bootloader whose environment holds the A/B boot state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Bootloader {
+    #[default]
+    Grub,
+    Uboot,
+}
+
 impl ImageConfig {
     /// The boot environment these settings name.
-    pub fn boot_env(&self) -> atlasmesh_image::bootenv::GrubEnv {
-        atlasmesh_image::bootenv::GrubEnv {
-            file: self.grubenv.clone(),
-            editenv: self.grub_editenv.clone(),
+    pub fn boot_env(&self) -> Box<dyn atlasmesh_image::bootenv::BootEnv + Send> {
+        use atlasmesh_image::bootenv::{GrubEnv, UBootEnv};
+        match self.bootloader {
+            Bootloader::Grub => Box::new(GrubEnv {
+                file: self.grubenv.clone(),
+                editenv: self.grub_editenv.clone(),
+            }),
+            Bootloader::Uboot => Box::new(UBootEnv::new(&self.fw_env_config)),
+        }
+    }
+
+    /// The file whose presence says this system boots through the appliance's A/B scheme:
+    /// the GRUB environment block, or libubootenv's configuration.
+    pub fn boot_env_file(&self) -> &std::path::Path {
+        match self.bootloader {
+            Bootloader::Grub => &self.grubenv,
+            Bootloader::Uboot => &self.fw_env_config,
         }
     }
 }
@@ -75,8 +103,10 @@ impl ImageConfig {
 impl Default for ImageConfig {
     fn default() -> Self {
         Self {
+            bootloader: Bootloader::Grub,
             grubenv: PathBuf::from("/boot/EFI/BOOT/grubenv"),
             grub_editenv: PathBuf::from("grub-editenv"),
+            fw_env_config: PathBuf::from("/etc/fw_env.config"),
             slot_a: PathBuf::from("/dev/disk/by-partlabel/root_a"),
             slot_b: PathBuf::from("/dev/disk/by-partlabel/root_b"),
             cmdline: PathBuf::from("/proc/cmdline"),

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use atlasmesh_image::bmap::human_bytes;
-use atlasmesh_image::bootenv::BootEnv;
 use atlasmesh_image::bootenv::Slot;
 use atlasmesh_image::build::{BuildOptions, build as build_image, sidecars};
 use atlasmesh_image::device::{SystemView, Target};
@@ -294,7 +293,7 @@ fn install_checked(
         &checked,
         booted,
         &slots,
-        &env,
+        env.as_ref(),
         std::path::Path::new("/proc/self/mountinfo"),
         progress.as_ref(),
     )?;
@@ -366,8 +365,10 @@ fn status(args: ImageSlotArgs) -> anyhow::Result<u8> {
     crate::outln!("boot environment: {}", env.describe())?;
     crate::outln!(
         "running slot:     {}",
-        booted.map_or("unknown (not booted by the appliance's GRUB)".into(), |s| s
-            .to_string())
+        booted.map_or(
+            "unknown (not booted by the appliance's bootloader)".into(),
+            |s| s.to_string()
+        )
     )?;
     let order: Vec<&str> = state.order.iter().map(|s| s.letter()).collect();
     crate::outln!("order:            {}", order.join(" "))?;

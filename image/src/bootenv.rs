@@ -12,8 +12,9 @@
 //!   the next boot takes the previous good slot.
 //!
 //! The decisions are pure functions of the variables; [`BootEnv`] reads and writes them.
-//! [`GrubEnv`] does that through `grub-editenv`; U-Boot's `fw_printenv`/`fw_setenv` fit the
-//! same trait.
+//! [`GrubEnv`] does that through `grub-editenv` (`image/grub/grub.cfg` decides at power-on);
+//! [`UBootEnv`] through libubootenv's `fw_printenv`/`fw_setenv`, for boards that boot with
+//! U-Boot (`image/uboot/boot.cmd` decides the same way there).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -205,34 +206,41 @@ impl GrubEnv {
     }
 
     fn run(&self, args: &[String]) -> Result<String, BootEnvError> {
-        let program = self.editenv.display().to_string();
-        let output = Command::new(&self.editenv)
-            .arg(&self.file)
-            .args(args)
-            .output()
-            .map_err(|source| BootEnvError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        if !output.status.success() {
-            return Err(BootEnvError::Failed {
-                program,
-                file: self.file.display().to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let mut command = Command::new(&self.editenv);
+        command.arg(&self.file).args(args);
+        run_tool(command, &self.editenv, &self.file)
     }
+}
+
+/// Runs a bootloader tool about `file` and returns what it printed.
+fn run_tool(mut command: Command, program: &Path, file: &Path) -> Result<String, BootEnvError> {
+    let program = program.display().to_string();
+    let output = command.output().map_err(|source| BootEnvError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(BootEnvError::Failed {
+            program,
+            file: file.display().to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `NAME=VALUE` lines, as both bootloaders' tools list their variables.
+fn parse_vars(listing: &str) -> BTreeMap<String, String> {
+    listing
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 impl BootEnv for GrubEnv {
     fn read(&self) -> Result<BTreeMap<String, String>, BootEnvError> {
-        Ok(self
-            .run(&["list".into()])?
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect())
+        Ok(parse_vars(&self.run(&["list".into()])?))
     }
 
     fn write(&self, vars: &[(String, String)]) -> Result<(), BootEnvError> {
@@ -243,6 +251,57 @@ impl BootEnv for GrubEnv {
 
     fn describe(&self) -> String {
         format!("GRUB environment block {}", self.file.display())
+    }
+}
+
+/// U-Boot's environment, through libubootenv's `fw_printenv` and `fw_setenv` with their
+/// configuration file (`/etc/fw_env.config`: the device or file holding the environment, its
+/// offset and size, and the redundant copy's where the board has one). The tools check the
+/// environment's CRC and refuse a damaged one rather than guess; `fw_setenv` sets all the
+/// variables of one change in a single write of the environment (with a redundant copy, the
+/// old one stays valid until the new one is complete), as a state change must not be torn.
+#[derive(Debug, Clone)]
+pub struct UBootEnv {
+    pub config: PathBuf,
+    pub printenv: PathBuf,
+    pub setenv: PathBuf,
+}
+
+impl UBootEnv {
+    pub fn new(config: &Path) -> Self {
+        Self {
+            config: config.to_owned(),
+            printenv: PathBuf::from("fw_printenv"),
+            setenv: PathBuf::from("fw_setenv"),
+        }
+    }
+}
+
+impl BootEnv for UBootEnv {
+    fn read(&self) -> Result<BTreeMap<String, String>, BootEnvError> {
+        let mut command = Command::new(&self.printenv);
+        command.arg("-c").arg(&self.config);
+        Ok(parse_vars(&run_tool(
+            command,
+            &self.printenv,
+            &self.config,
+        )?))
+    }
+
+    fn write(&self, vars: &[(String, String)]) -> Result<(), BootEnvError> {
+        let mut command = Command::new(&self.setenv);
+        command.arg("-c").arg(&self.config);
+        for (k, v) in vars {
+            command.arg(k).arg(v);
+        }
+        run_tool(command, &self.setenv, &self.config).map(drop)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "U-Boot environment (libubootenv, {})",
+            self.config.display()
+        )
     }
 }
 
