@@ -2,7 +2,9 @@
 //! reads it, both root slots clean under `e2fsck -fn` (read through partition offsets), the
 //! ESP's GRUB script and environment block as GRUB's own tools read them; Debian's `bmaptool`
 //! writing the same bytes as our flash; refusals of tampered inputs and dangerous targets
-//! before anything is written; and A/B boot-count fallback against a real grubenv file.
+//! before anything is written; and A/B boot-count fallback against a real grubenv file, and
+//! under U-Boot itself (Debian's build for QEMU's arm64 board running `image/uboot/boot.cmd`)
+//! with its environment written by libubootenv.
 //!
 //! Block-device cases use loop devices and need root (as CI has); elsewhere they are skipped
 //! with a note.
@@ -117,6 +119,26 @@ impl Built {
         ])
         .arg(self.fleet.root());
         cmd
+    }
+
+    /// Two files standing in for the appliance's root slot partitions, of the image's slot
+    /// size, holding old bytes.
+    fn slot_files(&self) -> (PathBuf, PathBuf) {
+        let (_, root_size) = self.partition("root_a");
+        let slots = (
+            self.dir.path().join("slot_a"),
+            self.dir.path().join("slot_b"),
+        );
+        for slot in [&slots.0, &slots.1] {
+            std::fs::write(slot, pseudo_random(MIB as usize, 5)).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(slot)
+                .unwrap()
+                .set_len(root_size)
+                .unwrap();
+        }
+        slots
     }
 
     fn flash(&self, image: &Path, device: &Path, extra: &[&str]) -> (bool, String, String) {
@@ -765,13 +787,47 @@ fn a_drive_over_128_gb_needs_its_serial_or_name_typed() {
     assert!(stdout.contains("flashed"), "{stdout}");
 }
 
+/// The bootloader environment a test powers on with, read and written with the bootloader's
+/// own host tools.
+#[derive(Clone, Copy)]
+enum Loader<'a> {
+    /// GRUB's environment block file, through `grub-editenv`.
+    Grub(&'a Path),
+    /// libubootenv's configuration naming U-Boot's environment, through
+    /// `fw_printenv`/`fw_setenv`.
+    UBoot(&'a Path),
+}
+
+impl Loader<'_> {
+    fn list(self) -> String {
+        let (ok, out) = match self {
+            Loader::Grub(env) => tool("grub-editenv", &[s(env), "list"]),
+            Loader::UBoot(config) => tool("fw_printenv", &["-c", s(config)]),
+        };
+        assert!(ok, "{out}");
+        out
+    }
+
+    fn set(self, name: &str, value: &str) {
+        let (ok, out) = match self {
+            Loader::Grub(env) => tool("grub-editenv", &[s(env), "set", &format!("{name}={value}")]),
+            Loader::UBoot(config) => tool("fw_setenv", &["-c", s(config), name, value]),
+        };
+        assert!(ok, "{out}");
+    }
+
+    fn has(self, line: &str) -> bool {
+        self.list().lines().any(|l| l == line)
+    }
+}
+
 /// The bootloader's side of the A/B scheme, as `image/grub/grub.cfg` does it at power-on,
 /// played on a real environment block through `grub-editenv` (independently of our code):
 /// boot the first slot of ORDER armed for a trial (clearing the trial first), else the first
 /// good one.
 fn power_on(grubenv: &Path, cmdline: &Path) -> &'static str {
-    let (ok, list) = tool("grub-editenv", &[s(grubenv), "list"]);
-    assert!(ok, "{list}");
+    let loader = Loader::Grub(grubenv);
+    let list = loader.list();
     let var = |name: &str, default: &str| -> String {
         list.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}=")))
@@ -783,11 +839,7 @@ fn power_on(grubenv: &Path, cmdline: &Path) -> &'static str {
     for slot in order.split_whitespace() {
         let slot = if slot == "A" { "A" } else { "B" };
         if var(&format!("{slot}_TRY"), "0") == "1" {
-            let (ok, out) = tool(
-                "grub-editenv",
-                &[s(grubenv), "set", &format!("{slot}_TRY=0")],
-            );
-            assert!(ok, "{out}");
+            loader.set(&format!("{slot}_TRY"), "0");
             booted = slot;
             break;
         }
@@ -822,17 +874,7 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
     );
     assert!(ok, "{out}");
     let (_, root_size) = built.partition("root_a");
-    let slot_a = dir.join("slot_a");
-    let slot_b = dir.join("slot_b");
-    for slot in [&slot_a, &slot_b] {
-        std::fs::write(slot, pseudo_random(MIB as usize, 5)).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(slot)
-            .unwrap()
-            .set_len(root_size)
-            .unwrap();
-    }
+    let (slot_a, slot_b) = built.slot_files();
     let cmdline = dir.join("cmdline");
     let data_dir = dir.join("data");
     let env = vec![
@@ -1018,6 +1060,247 @@ fn a_trial_boot_without_mark_good_falls_back_and_with_it_stays() {
         "a refused bundle armed a slot:\n{list}"
     );
     assert_eq!(power_on(&grubenv, &cmdline), "B");
+}
+
+/// An arm64 board booting with U-Boot, played by QEMU with Debian's U-Boot build for it:
+/// U-Boot loads its environment from the board's flash, runs `image/uboot/boot.cmd` (our
+/// slot choice) and boots what it chose, here the built image as the board's disk.
+struct UBootBoard {
+    dir: PathBuf,
+    /// The environment as the board keeps it: what libubootenv's configuration names.
+    env_image: PathBuf,
+    disk: PathBuf,
+}
+
+/// U-Boot's environment size in Debian's `qemu_arm64` build (`CONFIG_ENV_SIZE`).
+const UBOOT_ENV_SIZE: &str = "0x40000";
+
+impl UBootBoard {
+    /// A board whose environment holds `vars` (one `NAME=VALUE` per line) besides what the
+    /// board needs to boot: its boot command runs our script from memory, and prints what
+    /// the script left for the kernel and the environment.
+    fn new(dir: &Path, disk: &Path, vars: &str) -> Self {
+        let text = dir.join("uboot-env.txt");
+        std::fs::write(
+            &text,
+            format!(
+                "bootdelay=0\n\
+                 kernel_addr_r=0x40400000\n\
+                 bootcmd=virtio scan; setenv devtype virtio; setenv devnum 0; \
+                 source 0x45000000; echo ==ENV==; printenv bootargs ORDER A_OK A_TRY B_OK \
+                 B_TRY; poweroff\n{vars}"
+            ),
+        )
+        .unwrap();
+        let env_image = dir.join("uboot-env.bin");
+        let (ok, out) = tool(
+            "mkenvimage",
+            &["-s", UBOOT_ENV_SIZE, "-o", s(&env_image), s(&text)],
+        );
+        assert!(ok, "{out}");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/uboot/boot.cmd");
+        let (ok, out) = tool(
+            "mkimage",
+            &[
+                "-A",
+                "arm64",
+                "-T",
+                "script",
+                "-C",
+                "none",
+                "-d",
+                s(&script),
+                s(&dir.join("boot.scr")),
+            ],
+        );
+        assert!(ok, "{out}");
+        Self {
+            dir: dir.to_owned(),
+            env_image,
+            disk: disk.to_owned(),
+        }
+    }
+
+    /// libubootenv's configuration for the board's environment.
+    fn fw_env_config(&self) -> PathBuf {
+        let config = self.dir.join("fw_env.config");
+        std::fs::write(
+            &config,
+            format!("{} 0x0 {UBOOT_ENV_SIZE}\n", s(&self.env_image)),
+        )
+        .unwrap();
+        config
+    }
+
+    /// Powers the board on until U-Boot hands over to the kernel; writes the kernel command
+    /// line U-Boot built to `cmdline` and returns the slot U-Boot chose.
+    ///
+    /// QEMU 7.2's flash emulation fails U-Boot's buffered flash writes part-way, so the
+    /// board's flash is a copy of its environment and what U-Boot's `saveenv` would have
+    /// stored (the script's variables as U-Boot holds them at hand-over) is written back with
+    /// `fw_setenv`.
+    fn power_on(&self, cmdline: &Path) -> &'static str {
+        let flash = self.dir.join("pflash1.img");
+        std::fs::copy(&self.env_image, &flash).unwrap();
+        // The virt board's flash banks are 64 MiB.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&flash)
+            .unwrap()
+            .set_len(64 * MIB)
+            .unwrap();
+        let output = Command::new("timeout")
+            .args([
+                "120",
+                "qemu-system-aarch64",
+                "-M",
+                "virt",
+                "-cpu",
+                "cortex-a57",
+            ])
+            .args([
+                "-m",
+                "256",
+                "-nographic",
+                "-nic",
+                "none",
+                "-monitor",
+                "none",
+            ])
+            .args([
+                "-serial",
+                "stdio",
+                "-bios",
+                "/usr/lib/u-boot/qemu_arm64/u-boot.bin",
+            ])
+            .arg("-drive")
+            .arg(format!("if=pflash,unit=1,format=raw,file={}", s(&flash)))
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=disk,format=raw,readonly=on,file={}",
+                s(&self.disk)
+            ))
+            .args(["-device", "virtio-blk-device,drive=disk", "-device"])
+            .arg(format!(
+                "loader,file={},addr=0x45000000,force-raw=on",
+                s(&self.dir.join("boot.scr"))
+            ))
+            .output()
+            .unwrap();
+        let console = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(output.status.success(), "QEMU failed: {console}");
+        let slot = if console.contains("AtlasMesh depot: booting slot A (root_a)") {
+            "A"
+        } else if console.contains("AtlasMesh depot: booting slot B (root_b)") {
+            "B"
+        } else {
+            panic!("the script chose no slot:\n{console}")
+        };
+        let (_, after) = console
+            .split_once("==ENV==")
+            .unwrap_or_else(|| panic!("U-Boot did not finish the script:\n{console}"));
+        let mut saved = Command::new("fw_setenv");
+        saved.arg("-c").arg(self.fw_env_config());
+        for line in after.lines() {
+            match line.trim_end().split_once('=') {
+                Some(("bootargs", args)) => std::fs::write(cmdline, format!("{args}\n")).unwrap(),
+                Some((name, value)) => {
+                    saved.args([name, value]);
+                }
+                None => {}
+            }
+        }
+        let (status, _, stderr) = run(&mut saved).unwrap();
+        assert!(status.success(), "{stderr}");
+        slot
+    }
+}
+
+#[test]
+fn a_trial_boot_falls_back_the_same_way_under_u_boot() {
+    let built = Built::new();
+    let dir = built.dir.path();
+    let board = UBootBoard::new(
+        dir,
+        &built.image,
+        "ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n",
+    );
+    let config = board.fw_env_config();
+    let loader = Loader::UBoot(&config);
+    let (slot_a, slot_b) = built.slot_files();
+    let cmdline = dir.join("cmdline");
+    let data_dir = dir.join("data");
+    let cli = |args: &[&str]| {
+        let mut cmd = atlasmesh();
+        cmd.arg("image")
+            .args(args)
+            .env("ATLASMESH_IMAGE__BOOTLOADER", "uboot")
+            .env("ATLASMESH_IMAGE__FW_ENV_CONFIG", &config)
+            .env("ATLASMESH_IMAGE__SLOT_A", &slot_a)
+            .env("ATLASMESH_IMAGE__SLOT_B", &slot_b)
+            .env("ATLASMESH_IMAGE__CMDLINE", &cmdline)
+            .env("ATLASMESH_DATA_DIR", &data_dir);
+        run(&mut cmd).unwrap()
+    };
+    let install = || cli(&["install", s(&built.image), "--root", s(&built.fleet.root())]);
+
+    assert_eq!(board.power_on(&cmdline), "A", "the factory slot boots");
+    let kernel_args = std::fs::read_to_string(&cmdline).unwrap();
+    assert!(
+        kernel_args.starts_with("root=PARTLABEL=root_a ")
+            && kernel_args.contains("atlasmesh.slot=A"),
+        "{kernel_args}"
+    );
+    let (status, stdout, stderr) = cli(&["status"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("U-Boot environment"), "{stdout}");
+    assert!(stdout.contains("running slot:     A"), "{stdout}");
+
+    // Installed into B and armed in one write of the environment. B's trial never marks
+    // good, so the next power-on is A again.
+    let (status, stdout, stderr) = install();
+    assert!(status.success(), "install failed: {stderr}");
+    assert!(stdout.contains("into slot B"), "{stdout}");
+    assert!(
+        loader.has("ORDER=B A") && loader.has("B_TRY=1"),
+        "{}",
+        loader.list()
+    );
+    assert_eq!(board.power_on(&cmdline), "B");
+    assert!(
+        loader.has("B_TRY=0"),
+        "the trial was not used up:\n{}",
+        loader.list()
+    );
+    assert_eq!(
+        board.power_on(&cmdline),
+        "A",
+        "no fallback after a failed trial"
+    );
+    assert_eq!(board.power_on(&cmdline), "A");
+
+    // Again, and this time B marks itself good: it stays.
+    let (status, _, stderr) = install();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(board.power_on(&cmdline), "B");
+    let (status, stdout, stderr) = cli(&["mark-good"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("slot B"), "{stdout}");
+    assert!(loader.has("B_OK=1"), "{}", loader.list());
+    assert_eq!(board.power_on(&cmdline), "B");
+    assert_eq!(board.power_on(&cmdline), "B", "a good slot keeps booting");
+
+    // A damaged environment (its CRC no longer matches) is neither guessed at nor
+    // overwritten: the install is refused before slot A is touched.
+    let slot_a_before = sha256_file(&slot_a);
+    let mut bytes = std::fs::read(&board.env_image).unwrap();
+    bytes[6] ^= 0x20;
+    std::fs::write(&board.env_image, &bytes).unwrap();
+    let (status, _, stderr) = install();
+    assert!(!status.success(), "installed with a damaged environment");
+    assert!(stderr.contains("fw_printenv"), "{stderr}");
+    assert_eq!(sha256_file(&slot_a), slot_a_before, "slot A was written");
+    assert_eq!(std::fs::read(&board.env_image).unwrap(), bytes);
 }
 
 /// A loop device over a sparse file, detached on drop. `None` (with a note) where loop
