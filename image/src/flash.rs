@@ -212,16 +212,9 @@ fn shares(bmap: &Bmap) -> [Vec<usize>; 2] {
     })
 }
 
-/// How far [`hash_span`] asks the kernel to read ahead of the bytes it hashes.
-///
-/// Each hashing thread otherwise reads and then hashes in turn, and the kernel's own
-/// read-ahead keeps about one read in flight per thread: with two threads, the check of a
-/// cold image read the disk at about half the rate four readers get from it. Asking for the
-/// next 64 MiB keeps the disk busy while both cores hash (docs/benchmarks.md, issue 9).
-const READ_AHEAD: u64 = 64 << 20;
-
-/// SHA-256 of `len` bytes of `file` from `offset`, read through `buf`, as hex. Asks the
-/// kernel to read [`READ_AHEAD`] bytes ahead of what it hashes.
+/// SHA-256 of `len` bytes of `file` from `offset`, read through `buf`, as hex. The kernel's
+/// own read-ahead keeps the disk busy: asking it for 16 or 64 MiB more with
+/// `POSIX_FADV_WILLNEED` made a cold check no faster (docs/benchmarks.md, issue 9).
 pub(crate) fn hash_span(
     file: &File,
     offset: u64,
@@ -232,22 +225,8 @@ pub(crate) fn hash_span(
     let mut hasher = Sha256::new();
     let mut pos = offset;
     let end = offset + len;
-    // Only a hint: where the kernel declines, reading just waits for the disk.
-    let will_need = |from: u64, len: u64| {
-        let _ = rustix::fs::fadvise(
-            file,
-            from,
-            NonZeroU64::new(len),
-            rustix::fs::Advice::WillNeed,
-        );
-    };
-    will_need(offset, len.min(READ_AHEAD));
     while pos < end {
         let n = (end - pos).min(buf.len() as u64) as usize;
-        let ahead = pos + READ_AHEAD;
-        if ahead < end {
-            will_need(ahead, (n as u64).min(end - ahead));
-        }
         file.read_exact_at(&mut buf[..n], pos)?;
         hasher.update(&buf[..n]);
         progress.advance(n as u64);
