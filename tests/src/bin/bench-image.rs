@@ -14,7 +14,8 @@
 //!
 //! Before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, as
 //! root), so each tool reads the image from disk like a first flash does. Each tool runs
-//! `ROUNDS` times per target, in rotation (each round starts with the next tool); the table
+//! 6 times per target (`BENCH_ROUNDS=n` for more), in rotation (each round starts with the
+//! next tool); the table
 //! shows the median wall time of the whole command (including its final sync) and the image
 //! size divided by it. Our flash also checks
 //! the signed manifest and every mapped block (on a device before writing; in a file what was
@@ -38,8 +39,9 @@ use atlasmesh_tests::ota::{Fleet, s};
 use atlasmesh_tests::{atlasmesh, run};
 
 const MIB: u64 = 1 << 20;
-/// Rounds per target, rounded up to a multiple of its number of tools, so each tool starts a
-/// round equally often.
+/// Rounds per target unless `BENCH_ROUNDS` says, rounded up to a multiple of its number of
+/// tools, so each tool starts a round equally often. More rounds steady the medians on a
+/// noisy host.
 const ROUNDS: usize = 6;
 /// Slot and data sizes that make a 4 GiB image: 1 + 64 + 2 × 1600 + 830 + 1 MiB.
 const ROOT_MIB: u64 = 1600;
@@ -49,6 +51,14 @@ const DATA_MIB: u64 = 830;
 const TREE_MIB: u64 = 520;
 
 fn main() -> Result<()> {
+    let rounds = match std::env::var("BENCH_ROUNDS") {
+        Ok(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("BENCH_ROUNDS={n} is not a positive number"))?,
+        Err(_) => ROUNDS,
+    };
     build_release()?;
     let work = work_dir()?;
     let dir = work.path();
@@ -152,7 +162,7 @@ fn main() -> Result<()> {
     println!("{}\n", machine());
     println!(
         "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. Bmaptool {}. \
-         Median of {ROUNDS} runs (or the next multiple of the number of tools) per tool and \
+         Median of {rounds} runs (or the next multiple of the number of tools) per tool and \
          target, page cache dropped before each.\n",
         gib(size),
         gib(mapped),
@@ -168,7 +178,7 @@ fn main() -> Result<()> {
             Target::File(_) => vec![ours, ours_on_disk, bmaptool, dd],
         };
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
-        for round in 0..ROUNDS.next_multiple_of(tools.len()) {
+        for round in 0..rounds.next_multiple_of(tools.len()) {
             // Round r starts with tool r mod the number of tools: each tool starts a round
             // equally often. A run right after dd's 4 GiB write was measured 0.3 to 0.5 s slower
             // (this host's disk is still busy with it), which a fixed order would always
