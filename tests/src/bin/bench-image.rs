@@ -14,9 +14,9 @@
 //!
 //! Before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, as
 //! root), so each tool reads the image from disk like a first flash does. Each tool runs
-//! 6 times per target (`BENCH_ROUNDS=n` for more), in rotation (each round starts with the
-//! next tool); the table
-//! shows the median wall time of the whole command (including its final sync) and the image
+//! 6 times per target (`BENCH_ROUNDS=n` for more): dd last in each round, the tools before it
+//! in every order in turn, so that each comes right after dd equally often. The table shows
+//! the median wall time of the whole command (including its final sync) and the image
 //! size divided by it. Our flash also checks
 //! the signed manifest and every mapped block (on a device before writing; in a file what was
 //! written, while it syncs) and reads every written range back (from a device itself; from a
@@ -39,9 +39,9 @@ use atlasmesh_tests::ota::{Fleet, s};
 use atlasmesh_tests::{atlasmesh, run};
 
 const MIB: u64 = 1 << 20;
-/// Rounds per target unless `BENCH_ROUNDS` says, rounded up to a multiple of its number of
-/// tools, so each tool starts a round equally often. More rounds steady the medians on a
-/// noisy host.
+/// Rounds per target unless `BENCH_ROUNDS` says, rounded up to a multiple of the number of
+/// orders of the tools before dd (2 on a device, 6 into a file). More rounds steady the
+/// medians on a noisy host.
 const ROUNDS: usize = 6;
 /// Slot and data sizes that make a 4 GiB image: 1 + 64 + 2 × 1600 + 830 + 1 MiB.
 const ROOT_MIB: u64 = 1600;
@@ -162,8 +162,9 @@ fn main() -> Result<()> {
     println!("{}\n", machine());
     println!(
         "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. Bmaptool {}. \
-         Median of {rounds} runs (or the next multiple of the number of tools) per tool and \
-         target, page cache dropped before each.\n",
+         Median of {rounds} runs (or the next multiple of the orders) per tool and target, \
+         page cache dropped before each; dd last in each round, the others in every order in \
+         turn.\n",
         gib(size),
         gib(mapped),
         mapped as f64 * 100.0 / size as f64,
@@ -178,13 +179,16 @@ fn main() -> Result<()> {
             Target::File(_) => vec![ours, ours_on_disk, bmaptool, dd],
         };
         let mut times: Vec<Vec<Duration>> = vec![Vec::new(); tools.len()];
-        for round in 0..rounds.next_multiple_of(tools.len()) {
-            // Round r starts with tool r mod the number of tools: each tool starts a round
-            // equally often. A run right after dd's 4 GiB write was measured 0.3 to 0.5 s slower
-            // (this host's disk is still busy with it), which a fixed order would always
-            // charge to the same tool.
-            for k in 0..tools.len() {
-                let i = (round + k) % tools.len();
+        // dd runs last in every round, and the tools before it take every order in turn. A
+        // run right after dd's 4 GiB write is slower on this host (its disk is still busy with
+        // it for several seconds, and a later run can catch the rest), so each tool must come
+        // after dd, and after each other, equally often: rotating one order (as this bench did
+        // until 2026-11-24T22:30Z) put our flash right after dd in two rounds of three.
+        let dd_index = tools.len() - 1;
+        let orders = permutations(dd_index);
+        for round in 0..rounds.next_multiple_of(orders.len()) {
+            let order = orders[round % orders.len()].iter().copied();
+            for i in order.chain([dd_index]) {
                 let (name, make) = &tools[i];
                 let path = target.prepare()?;
                 drop_caches();
@@ -335,4 +339,20 @@ impl Drop for LoopTarget {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
     }
+}
+
+/// Every order of `0..n`.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![Vec::new()];
+    }
+    let mut all = Vec::new();
+    for shorter in permutations(n - 1) {
+        for at in 0..=shorter.len() {
+            let mut order = shorter.clone();
+            order.insert(at, n - 1);
+            all.push(order);
+        }
+    }
+    all
 }
