@@ -532,6 +532,10 @@ fn go_direct(out: &File, target: &Target, bmap: &Bmap) -> Option<File> {
 /// its real capacity onto earlier blocks (counterfeit media) shows there, which checking each
 /// piece right after it was written would miss.
 ///
+/// Measured and not kept (docs/benchmarks.md): writing everything first and reading it all
+/// back after the sync, as Etcher validates (on the direct-I/O loop, median 4.81 s against
+/// 3.68 s: reading back while writing overlaps the two).
+///
 /// Without `readback` (an image whose ranges are not aligned for direct I/O) the ranges are
 /// written through the page cache, synced, and read back with [`verify_cold`].
 fn write_and_verify(
