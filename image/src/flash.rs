@@ -524,13 +524,12 @@ fn go_direct(out: &File, target: &Target, bmap: &Bmap) -> Option<File> {
 /// reads it, so an image changed since its check is caught too. With `readback` (from
 /// [`go_direct`]: `out` then writes directly, bypassing the page cache) a verifying thread
 /// reads back each piece while the next is written and compares it with the bytes written.
-/// Hashing in the reader and
-/// comparing in the verifier keeps either thread ahead of the disk: with the verifier hashing
-/// the read-back itself, one core's SHA-256 held the whole write back (measured: writing,
-/// syncing and verifying 1 GiB took 1.6 to 1.9 s against 1.2 s without verifying). After the
-/// final sync the first block of every piece is read again: a drive that wraps writes beyond
-/// its real capacity onto earlier blocks (counterfeit media) shows there, which checking each
-/// piece right after it was written would miss.
+/// Hashing in the reader and comparing in the verifier keeps either thread ahead of the disk:
+/// with the verifier hashing the read-back itself, one core's SHA-256 held the whole write
+/// back (measured: writing, syncing and verifying 1 GiB took 1.6 to 1.9 s against 1.2 s
+/// without verifying). After the final sync the first block of every piece is read again: a
+/// drive that wraps writes beyond its real capacity onto earlier blocks (counterfeit media)
+/// shows there, which checking each piece right after it was written would miss.
 ///
 /// Measured and not kept (docs/benchmarks.md): writing everything first and reading it all
 /// back after the sync, as Etcher validates (on the direct-I/O loop, median 4.81 s against

@@ -787,8 +787,8 @@ fn a_drive_over_128_gb_needs_its_serial_or_name_typed() {
     assert!(stdout.contains("flashed"), "{stdout}");
 }
 
-/// The bootloader environment a test powers on with, read and written with the bootloader's
-/// own host tools.
+/// The bootloader environment a test powers on with, read with the bootloader's own host
+/// tools.
 #[derive(Clone, Copy)]
 enum Loader<'a> {
     /// GRUB's environment block file, through `grub-editenv`.
@@ -806,14 +806,6 @@ impl Loader<'_> {
         };
         assert!(ok, "{out}");
         out
-    }
-
-    fn set(self, name: &str, value: &str) {
-        let (ok, out) = match self {
-            Loader::Grub(env) => tool("grub-editenv", &[s(env), "set", &format!("{name}={value}")]),
-            Loader::UBoot(config) => tool("fw_setenv", &["-c", s(config), name, value]),
-        };
-        assert!(ok, "{out}");
     }
 
     fn has(self, line: &str) -> bool {
@@ -839,7 +831,11 @@ fn power_on(grubenv: &Path, cmdline: &Path) -> &'static str {
     for slot in order.split_whitespace() {
         let slot = if slot == "A" { "A" } else { "B" };
         if var(&format!("{slot}_TRY"), "0") == "1" {
-            loader.set(&format!("{slot}_TRY"), "0");
+            let (ok, out) = tool(
+                "grub-editenv",
+                &[s(grubenv), "set", &format!("{slot}_TRY=0")],
+            );
+            assert!(ok, "{out}");
             booted = slot;
             break;
         }
@@ -1069,6 +1065,8 @@ struct UBootBoard {
     dir: PathBuf,
     /// The environment as the board keeps it: what libubootenv's configuration names.
     env_image: PathBuf,
+    /// libubootenv's configuration for the board's environment.
+    fw_env_config: PathBuf,
     disk: PathBuf,
 }
 
@@ -1114,22 +1112,18 @@ impl UBootBoard {
             ],
         );
         assert!(ok, "{out}");
+        let fw_env_config = dir.join("fw_env.config");
+        std::fs::write(
+            &fw_env_config,
+            format!("{} 0x0 {UBOOT_ENV_SIZE}\n", s(&env_image)),
+        )
+        .unwrap();
         Self {
             dir: dir.to_owned(),
             env_image,
+            fw_env_config,
             disk: disk.to_owned(),
         }
-    }
-
-    /// libubootenv's configuration for the board's environment.
-    fn fw_env_config(&self) -> PathBuf {
-        let config = self.dir.join("fw_env.config");
-        std::fs::write(
-            &config,
-            format!("{} 0x0 {UBOOT_ENV_SIZE}\n", s(&self.env_image)),
-        )
-        .unwrap();
-        config
     }
 
     /// Powers the board on until U-Boot hands over to the kernel; writes the kernel command
@@ -1200,7 +1194,7 @@ impl UBootBoard {
             .split_once("==ENV==")
             .unwrap_or_else(|| panic!("U-Boot did not finish the script:\n{console}"));
         let mut saved = Command::new("fw_setenv");
-        saved.arg("-c").arg(self.fw_env_config());
+        saved.arg("-c").arg(&self.fw_env_config);
         for line in after.lines() {
             match line.trim_end().split_once('=') {
                 Some(("bootargs", args)) => std::fs::write(cmdline, format!("{args}\n")).unwrap(),
@@ -1225,7 +1219,7 @@ fn a_trial_boot_falls_back_the_same_way_under_u_boot() {
         &built.image,
         "ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n",
     );
-    let config = board.fw_env_config();
+    let config = board.fw_env_config.clone();
     let loader = Loader::UBoot(&config);
     let (slot_a, slot_b) = built.slot_files();
     let cmdline = dir.join("cmdline");
