@@ -13,7 +13,11 @@
 //! - **file**: a regular file on the same disk, recreated before every run.
 //!
 //! Before every run the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, as
-//! root), so each tool reads the image from disk like a first flash does. Each tool runs
+//! root), so each tool reads the image from disk like a first flash does, and the bench waits
+//! 15 s first (`BENCH_SETTLE=s` for another pause): on this virtual machine the host's disk
+//! goes on with a run's writes after the run has synced, a tool that reads back what it wrote
+//! suffers more from that than one that only writes, and a field engineer's flash starts on
+//! a quiet disk (docs/benchmarks.md, 2026-11-25). Each tool runs
 //! 6 times per target (`BENCH_ROUNDS=n` for more): dd last in each round, the tools before it
 //! in every order in turn, so that each comes right after dd equally often. The table shows
 //! the median wall time of the whole command (including its final sync) and the image
@@ -43,6 +47,8 @@ const MIB: u64 = 1 << 20;
 /// orders of the tools before dd (2 on a device, 6 into a file). More rounds steady the
 /// medians on a noisy host.
 const ROUNDS: usize = 6;
+/// Seconds of quiet before each run unless `BENCH_SETTLE` says (see the module docs).
+const SETTLE_SECS: u64 = 15;
 /// Slot and data sizes that make a 4 GiB image: 1 + 64 + 2 × 1600 + 830 + 1 MiB.
 const ROOT_MIB: u64 = 1600;
 const DATA_MIB: u64 = 830;
@@ -59,6 +65,14 @@ fn main() -> Result<()> {
             .with_context(|| format!("BENCH_ROUNDS={n} is not a positive number"))?,
         Err(_) => ROUNDS,
     };
+    let settle = match std::env::var("BENCH_SETTLE") {
+        Ok(n) => n
+            .parse::<u64>()
+            .ok()
+            .with_context(|| format!("BENCH_SETTLE={n} is not a number of seconds"))?,
+        Err(_) => SETTLE_SECS,
+    };
+    let settle = Duration::from_secs(settle);
     build_release()?;
     let work = work_dir()?;
     let dir = work.path();
@@ -160,11 +174,16 @@ fn main() -> Result<()> {
 
     println!("### Flashing a 4 GiB image (issue 9)\n");
     println!("{}\n", machine());
+    let settle_note = if settle.is_zero() {
+        String::new()
+    } else {
+        format!("{} s of quiet and ", settle.as_secs())
+    };
     println!(
         "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. Bmaptool {}. \
          Median of {rounds} runs (or the next multiple of the orders) per tool and target, \
-         page cache dropped before each; dd last in each round, the others in every order in \
-         turn.\n",
+         {settle_note}page cache dropped before each; dd last in each round, the others in every \
+         order in turn.\n",
         gib(size),
         gib(mapped),
         mapped as f64 * 100.0 / size as f64,
@@ -191,6 +210,7 @@ fn main() -> Result<()> {
             for i in order.chain([dd_index]) {
                 let (name, make) = &tools[i];
                 let path = target.prepare()?;
+                std::thread::sleep(settle);
                 drop_caches();
                 let started = Instant::now();
                 let out = make(&path)
