@@ -17,15 +17,15 @@
 //! 15 s first (`BENCH_SETTLE=s` for another pause): on this virtual machine the host's disk
 //! goes on with a run's writes after the run has synced, a tool that reads back what it wrote
 //! suffers more from that than one that only writes, and a field engineer's flash starts on
-//! a quiet disk (docs/benchmarks.md, 2026-11-25). Each tool runs
-//! 6 times per target (`BENCH_ROUNDS=n` for more): dd last in each round, the tools before it
-//! in every order in turn, so that each comes right after dd equally often. The table shows
-//! the median wall time of the whole command (including its final sync) and the image
-//! size divided by it. Our flash also checks
-//! the signed manifest and every mapped block (on a device before writing; in a file what was
-//! written, while it syncs) and reads every written range back (from a device itself; from a
-//! file as the file system returns it, and from the disk too in a second row,
-//! `--verify-on-disk`); bmaptool checks block checksums while writing; dd checks nothing.
+//! a quiet disk (docs/benchmarks.md, 2026-11-25). Each tool runs 6 times per target
+//! (`BENCH_ROUNDS=n` for more): dd last in each round, the tools before it in every order in
+//! turn, so that each comes right after dd equally often. The table shows the median wall
+//! time of the whole command (including its final sync) and the image size divided by it.
+//! Our flash also checks the signed manifest and every mapped block (on a device before
+//! writing; in a file what was written, while it syncs) and reads every written range back
+//! (from a device itself; from a file as the file system returns it, and from the disk too in
+//! a second row, `--verify-on-disk`); bmaptool checks block checksums while writing; dd
+//! checks nothing.
 //!
 //! `dd if=IMG of=TARGET bs=4M conv=fsync` is how images are commonly flashed without a bmap.
 //!
@@ -57,22 +57,13 @@ const DATA_MIB: u64 = 830;
 const TREE_MIB: u64 = 520;
 
 fn main() -> Result<()> {
-    let rounds = match std::env::var("BENCH_ROUNDS") {
-        Ok(n) => n
-            .parse::<usize>()
-            .ok()
-            .filter(|&n| n > 0)
-            .with_context(|| format!("BENCH_ROUNDS={n} is not a positive number"))?,
-        Err(_) => ROUNDS,
-    };
-    let settle = match std::env::var("BENCH_SETTLE") {
-        Ok(n) => n
-            .parse::<u64>()
-            .ok()
-            .with_context(|| format!("BENCH_SETTLE={n} is not a number of seconds"))?,
-        Err(_) => SETTLE_SECS,
-    };
-    let settle = Duration::from_secs(settle);
+    let rounds = env_number("BENCH_ROUNDS", ROUNDS, |n| n > 0, "a positive number")?;
+    let settle = Duration::from_secs(env_number(
+        "BENCH_SETTLE",
+        SETTLE_SECS,
+        |_| true,
+        "a number of seconds",
+    )?);
     build_release()?;
     let work = work_dir()?;
     let dir = work.path();
@@ -358,6 +349,24 @@ impl LoopTarget {
 impl Drop for LoopTarget {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// The number the environment variable `name` holds, `default` when it is unset; an error
+/// naming `what` it must be when it does not parse or `valid` refuses it.
+fn env_number<T: std::str::FromStr + Copy>(
+    name: &str,
+    default: T,
+    valid: impl Fn(T) -> bool,
+    what: &str,
+) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse::<T>()
+            .ok()
+            .filter(|&n| valid(n))
+            .with_context(|| format!("{name}={v} is not {what}")),
+        Err(_) => Ok(default),
     }
 }
 
