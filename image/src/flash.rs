@@ -20,7 +20,9 @@
 //!   byte is written, so reading it back from the disk as well (which makes the disk read
 //!   everything a second time) is an option, [`FileVerify::OnDisk`], not the default.
 //!
-//! Both cores work: the image is hashed by two threads, each taking about half of its bytes.
+//! Both cores work: before a device is written, the image is hashed by two threads, each
+//! taking about half of its bytes; into a file, one thread reads the image while another
+//! writes, and the check runs on one core while the kernel writes the file back on the other.
 
 use std::fs::{File, Permissions};
 use std::io;
@@ -39,8 +41,15 @@ use crate::build::read_small;
 use crate::device::{DeviceError, SystemView, Target, TargetKind};
 use crate::manifest::{ManifestBody, ManifestError, Trust};
 
-/// Pieces the image is read and written in.
+/// Pieces the image is read and written in, onto a device.
 const CHUNK: usize = 8 << 20;
+
+/// Pieces the image is copied in into a file target. Smaller than [`CHUNK`]: the copy reads
+/// them in disk order on one thread, and while the writer takes one piece the kernel's
+/// read-ahead is already fetching the next. With 8 MiB pieces, which is as much as the disk
+/// reads ahead (`read_ahead_kb` 8192 on the machine measured), every read waited for the disk
+/// (docs/benchmarks.md, issue 9: the copy of 1 GiB took 0.6 to 1.1 s against 1.0 to 1.5 s).
+const FILE_PIECE: usize = 1 << 20;
 
 /// Where the operator sees how far a long step has come. Implementations must be cheap.
 pub trait Progress: Sync {
@@ -384,7 +393,7 @@ pub fn open_target(target: &Target, bmap: &Bmap) -> Result<Output, FlashError> {
     }
 }
 
-/// One piece of the write: at most [`CHUNK`] bytes of one bmap range.
+/// One piece of the write: at most [`CHUNK`] (a file: [`FILE_PIECE`]) bytes of one bmap range.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
     range: usize,
@@ -421,13 +430,14 @@ impl Piece {
     }
 }
 
-fn pieces(bmap: &Bmap) -> Vec<Piece> {
+/// The bmap's ranges cut into pieces of at most `size` bytes, in disk order.
+fn pieces(bmap: &Bmap, size: usize) -> Vec<Piece> {
     let mut pieces = Vec::new();
     for (range, r) in bmap.ranges.iter().enumerate() {
         let (offset, len) = bmap.span(r);
         let mut pos = offset;
         while pos < offset + len {
-            let n = (offset + len - pos).min(CHUNK as u64);
+            let n = (offset + len - pos).min(size as u64);
             pieces.push(Piece {
                 range,
                 offset: pos,
@@ -547,7 +557,7 @@ fn write_and_verify(
     let image = File::open(&checked.image)
         .map_err(io_err(format!("opening {}", checked.image.display())))?;
     let bmap = &checked.bmap;
-    let pieces = pieces(bmap);
+    let pieces = pieces(bmap, CHUNK);
     let started = Instant::now();
     progress.begin(
         if readback.is_some() {
@@ -683,14 +693,14 @@ pub enum FileVerify {
 
 /// Writes a checked image's mapped ranges into a staged regular file (an [`Output::File`]),
 /// checks what was written against the bmap and, with [`FileVerify::OnDisk`], verifies it on
-/// disk. The target itself is
-/// replaced only by [`Output::commit`], after everything passed, so a damaged image still
-/// leaves it untouched.
+/// disk. The target itself is replaced only by [`Output::commit`], after everything passed,
+/// so a damaged image still leaves it untouched.
 ///
 /// Three steps (the third only with [`FileVerify::OnDisk`]):
-/// 1. **copy** the mapped pieces from the image into the staged file through the page cache,
-///    on two threads (one per share of [`piece_shares`]) and without hashing, so this takes
-///    about as long as the disk needs to read the image;
+/// 1. **copy** the mapped pieces ([`FILE_PIECE`] bytes each) from the image into the staged
+///    file through the page cache, without hashing ([`copy_pieces`]): one thread reads them
+///    in disk order and hands them to this one, which writes them, so the disk reads ahead
+///    while the pieces are written and the copy takes about as long as reading the image;
 /// 2. **check while the file syncs**: one thread syncs the file while another reads what was
 ///    written back from the page cache (the bytes going to disk), checks each range's SHA-256
 ///    against the bmap ([`FlashError::ImageChecksum`] otherwise) and notes an XXH3-128 digest
@@ -704,13 +714,14 @@ pub enum FileVerify {
 /// read-back hashed SHA-256 again (measured, docs/benchmarks.md). The read-back compares a
 /// digest many times cheaper than SHA-256, so it goes as fast as the disk reads.
 ///
-/// Without the third step this is faster than bmaptool, with it 1.1 to 1.2 times bmaptool's
-/// time (docs/benchmarks.md): the disk reads everything once more.
-///
-/// Measured and not kept: reading back with direct I/O while writing (on ext4 a direct read
-/// holds the inode's lock, which every buffered write needs) or while the final sync runs
-/// (this disk serves reads slowly while it writes); starting writeback of each piece as soon
-/// as it is written.
+/// Measured and not kept (docs/benchmarks.md, issue 9): copying on two threads, each reading
+/// 8 MiB pieces of its half of the ranges (every read waited for the disk); hashing in the
+/// copy, or in a thread checking right behind the writer (it took the core the copy needed);
+/// reading back with direct I/O while writing (on ext4 a direct read holds the inode's lock,
+/// which every buffered write needs) or while the final sync runs (this disk serves reads
+/// slowly while it writes); starting writeback of each piece as soon as it is written, by
+/// dropping it from the cache (the check then read it back from the disk) or by syncing in a
+/// loop (reads slow down while the disk writes).
 fn write_file(
     checked: &Checked,
     out: &File,
@@ -718,35 +729,18 @@ fn write_file(
     verify: FileVerify,
     progress: &dyn Progress,
 ) -> Result<WriteReport, FlashError> {
-    let image = File::open(&checked.image)
-        .map_err(io_err(format!("opening {}", checked.image.display())))?;
     let bmap = &checked.bmap;
-    let shares = piece_shares(bmap);
+    let pieces = pieces(bmap, FILE_PIECE);
     let started = Instant::now();
 
     progress.begin("writing", bmap.mapped_bytes());
-    on_both_cores(|share, stop| {
-        let mut buf = vec![0u8; CHUNK];
-        for piece in &shares[share] {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let buf = &mut buf[..piece.len];
-            image
-                .read_exact_at(buf, piece.offset)
-                .map_err(io_err(format!("reading {}", checked.image.display())))?;
-            out.write_all_at(buf, piece.offset)
-                .map_err(io_err(format!("writing {}", target.display())))?;
-            progress.advance(piece.len as u64);
-        }
-        Ok(())
-    })?;
+    copy_pieces(checked, &pieces, out, target, progress)?;
     progress.end();
 
     progress.begin("checking while syncing", bmap.mapped_bytes());
     let digests = std::thread::scope(|scope| {
         let sync = scope.spawn(|| out.sync_all());
-        let digests = check_written(checked, out, target, &shares, progress);
+        let digests = check_written(checked, out, target, &pieces, progress);
         let synced = sync.join().expect("the syncing thread does not panic");
         // A damaged image is the error to report, whatever the sync said.
         let digests = digests?;
@@ -756,7 +750,7 @@ fn write_file(
     progress.end();
 
     if verify == FileVerify::OnDisk {
-        verify_pieces(out, bmap, target, &shares, &digests, progress)?;
+        verify_pieces(out, bmap, target, &pieces, &digests, progress)?;
     }
     Ok(WriteReport {
         bytes_written: bmap.mapped_bytes(),
@@ -764,13 +758,66 @@ fn write_file(
     })
 }
 
-/// The pieces of the bmap's ranges, dealt into the two [`shares`].
-fn piece_shares(bmap: &Bmap) -> [Vec<Piece>; 2] {
-    let mut in_second = vec![false; bmap.ranges.len()];
-    for i in shares(bmap)[1].iter() {
-        in_second[*i] = true;
+/// [`write_file`]'s copy: a reader thread reads `pieces` from the image in order and passes
+/// them over a short queue to this thread, which writes them into `out`. The buffers go back
+/// to the reader once written, so memory stays bounded (a few [`FILE_PIECE`]s). The first
+/// error is returned: the image's when it cannot be read, `out`'s when it cannot be written.
+fn copy_pieces(
+    checked: &Checked,
+    pieces: &[Piece],
+    out: &File,
+    target: &Path,
+    progress: &dyn Progress,
+) -> Result<(), FlashError> {
+    let image = File::open(&checked.image)
+        .map_err(io_err(format!("opening {}", checked.image.display())))?;
+    let (full_tx, full_rx) = mpsc::sync_channel::<(&Piece, Vec<u8>)>(3);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..5 {
+        let _ = empty_tx.send(vec![0u8; FILE_PIECE]);
     }
-    let (second, first) = pieces(bmap).into_iter().partition(|p| in_second[p.range]);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<(), FlashError> {
+            for piece in pieces {
+                let Ok(mut buf) = empty_rx.recv() else {
+                    break; // the writer stopped; its error is the one to report
+                };
+                image
+                    .read_exact_at(&mut buf[..piece.len], piece.offset)
+                    .map_err(io_err(format!("reading {}", checked.image.display())))?;
+                if full_tx.send((piece, buf)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut written = Ok(());
+        for (piece, buf) in full_rx {
+            if let Err(e) = out.write_all_at(&buf[..piece.len], piece.offset) {
+                written = Err(io_err(format!("writing {}", target.display()))(e));
+                break;
+            }
+            progress.advance(piece.len as u64);
+            let _ = empty_tx.send(buf);
+        }
+        drop(empty_tx);
+        let read = reader.join().expect("the image reader does not panic");
+        written.and(read)
+    })
+}
+
+/// `pieces` cut in two runs of about the same number of bytes, one for each core.
+fn halves(pieces: &[Piece]) -> [&[Piece]; 2] {
+    let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
+    let mut bytes = 0u64;
+    let mid = pieces
+        .iter()
+        .position(|p| {
+            bytes += p.len as u64;
+            bytes > total / 2
+        })
+        .unwrap_or(pieces.len());
+    let (first, second) = pieces.split_at(mid);
     [first, second]
 }
 
@@ -799,47 +846,50 @@ fn on_both_cores<T: Send>(
 }
 
 /// [`write_file`]'s check: reads every piece of the written (staged) file, checks each
-/// range's SHA-256 against the bmap, and returns an XXH3-128 digest of every piece, per share,
-/// for [`verify_pieces`]. One thread: it runs while the file syncs, and the kernel's writeback
-/// needs the other core (with both cores hashing, the sync took 0.1 to 0.2 s longer).
+/// range's SHA-256 against the bmap, and returns an XXH3-128 digest of every piece, in
+/// order, for [`verify_pieces`]. One thread: it runs while the file syncs, and the kernel's
+/// writeback needs the other core (with both cores hashing, the sync took 0.1 to 0.2 s
+/// longer).
 fn check_written(
     checked: &Checked,
     out: &File,
     target: &Path,
-    shares: &[Vec<Piece>; 2],
+    pieces: &[Piece],
     progress: &dyn Progress,
-) -> Result<[Vec<u128>; 2], FlashError> {
-    let mut buf = vec![0u8; CHUNK];
+) -> Result<Vec<u128>, FlashError> {
+    let mut buf = vec![0u8; FILE_PIECE];
     let mut sha = Sha256::new();
-    let mut digests: [Vec<u128>; 2] = Default::default();
-    for (pieces, digests) in shares.iter().zip(&mut digests) {
-        for piece in pieces {
-            let buf = &mut buf[..piece.len];
-            out.read_exact_at(buf, piece.offset)
-                .map_err(io_err(format!("reading {}", target.display())))?;
-            digests.push(xxh3_128(buf));
-            progress.advance(piece.len as u64);
-            piece.hash(&mut sha, buf, checked)?;
-        }
+    let mut digests = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let buf = &mut buf[..piece.len];
+        out.read_exact_at(buf, piece.offset)
+            .map_err(io_err(format!("reading {}", target.display())))?;
+        digests.push(xxh3_128(buf));
+        progress.advance(piece.len as u64);
+        piece.hash(&mut sha, buf, checked)?;
     }
     Ok(digests)
 }
 
 /// Reads every piece of a synced `out` back from the disk, not the page cache, and compares
-/// it with its digest from [`check_written`].
+/// it with its digest from [`check_written`]; two threads, each reading one of the
+/// [`halves`] in order.
 fn verify_pieces(
     out: &File,
     bmap: &Bmap,
     target: &Path,
-    shares: &[Vec<Piece>; 2],
-    digests: &[Vec<u128>; 2],
+    pieces: &[Piece],
+    digests: &[u128],
     progress: &dyn Progress,
 ) -> Result<(), FlashError> {
     drop_cached(out, bmap);
     progress.begin("verifying", bmap.mapped_bytes());
-    on_both_cores(|share, stop| {
-        let mut buf = vec![0u8; CHUNK];
-        for (piece, digest) in shares[share].iter().zip(&digests[share]) {
+    let halves = halves(pieces);
+    let (first, second) = digests.split_at(halves[0].len());
+    let digest_halves = [first, second];
+    on_both_cores(|half, stop| {
+        let mut buf = vec![0u8; FILE_PIECE];
+        for (piece, digest) in halves[half].iter().zip(digest_halves[half]) {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -1124,14 +1174,14 @@ mod tests {
             .read(true)
             .open(&target.path)
             .unwrap();
-        let shares = piece_shares(&checked.bmap);
-        let digests = check_written(&checked, &file, &target.path, &shares, &Quiet).unwrap();
+        let pieces = pieces(&checked.bmap, FILE_PIECE);
+        let digests = check_written(&checked, &file, &target.path, &pieces, &Quiet).unwrap();
         let verify = || {
             verify_pieces(
                 &file,
                 &checked.bmap,
                 &target.path,
-                &shares,
+                &pieces,
                 &digests,
                 &Quiet,
             )
@@ -1149,6 +1199,20 @@ mod tests {
             Err(FlashError::Verify { first, last, .. }) => assert_eq!((first, last), (256, 2856)),
             other => panic!("expected a verification failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_read_back_halves_cover_every_piece_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let checked = image(dir.path());
+        let all = pieces(&checked.bmap, FILE_PIECE);
+        let [first, second] = halves(&all);
+        assert!(!first.is_empty() && !second.is_empty());
+        let offsets: Vec<u64> = first.iter().chain(second).map(|p| p.offset).collect();
+        assert_eq!(offsets, all.iter().map(|p| p.offset).collect::<Vec<_>>());
+        let bytes = |half: &[Piece]| half.iter().map(|p| p.len as u64).sum::<u64>();
+        assert!(bytes(first).abs_diff(bytes(second)) <= FILE_PIECE as u64);
+        assert!(halves(&[]).iter().all(|half| half.is_empty()));
     }
 
     #[test]
