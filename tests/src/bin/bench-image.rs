@@ -171,7 +171,7 @@ fn main() -> Result<()> {
         format!("{} s of quiet and ", settle.as_secs())
     };
     println!(
-        "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. Bmaptool {}. \
+        "Image: {} with {} mapped ({:.1} %), built by `atlasmesh image build`. {}. {}. \
          Median of {rounds} runs (or the next multiple of the orders) per tool and target, \
          {settle_note}page cache dropped before each; dd last in each round, the others in every \
          order in turn.\n",
